@@ -1,0 +1,224 @@
+"""Meta-training (MAML + RPO) and evaluation over an in-memory shard of users.
+
+Plain torch: no Ray, no storage.  `meta_train` is the function every Ray Train
+worker calls on its own shard; with torch.distributed initialised it all-gathers
+the meta-batch's query losses (RPO's quantile is over the GLOBAL meta-batch)
+and all-reduces the meta-gradients, so N workers compute exactly what one
+worker computes on the same global meta-batches.  Without it, it is the
+single-process trainer.
+
+`adapt_and_score` is evaluation: adapt each user from theta_0 on one set of its
+pairs, count correct pairs on another; the same `adapt` as training.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from mrm_ray import rpo, tasks
+from mrm_ray.adapt import adapt, task_losses
+from mrm_ray.config import TrainConfig
+from mrm_ray.metrics import per_user_correct
+from mrm_ray.model import MRMHead, mix
+
+log = logging.getLogger(__name__)
+
+
+class Collective:
+    """Sums and gathers across data-parallel workers; identity in one process."""
+
+    def __init__(self):
+        self.on = dist.is_available() and dist.is_initialized()
+        self.world = dist.get_world_size() if self.on else 1
+        self.rank = dist.get_rank() if self.on else 0
+
+    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.on:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+    def all_gather_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """(world, *t.shape): every worker's equally-shaped tensor."""
+        if not self.on:
+            return t.unsqueeze(0)
+        out = [torch.empty_like(t) for _ in range(self.world)]
+        dist.all_gather(out, t.contiguous())
+        return torch.stack(out)
+
+    def gather_ragged(self, t: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        """Concatenate each worker's 1-d tensor (worker r has sizes[r] entries)."""
+        if not self.on:
+            return t
+        padded = t.new_zeros(max(sizes))
+        padded[: len(t)] = t
+        rows = self.all_gather_rows(padded)
+        return torch.cat([rows[r, :n] for r, n in enumerate(sizes)])
+
+
+@dataclass
+class TrainState:
+    """Everything needed to resume: plain tensors and numbers (weights_only-loadable)."""
+    epoch: int = 0                      # epochs completed
+    head: dict = field(default_factory=dict)
+    optimizer: dict = field(default_factory=dict)
+    scheduler: dict = field(default_factory=dict)
+    best_head: dict = field(default_factory=dict)
+    best_val_accuracy: float = -1.0
+    best_epoch: int = -1
+    history: list = field(default_factory=list)
+
+
+def warmup_cosine(total_steps: int, warmup_ratio: float) -> Callable[[int], float]:
+    warmup = max(1, int(round(warmup_ratio * total_steps)))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def inner_lr(head: MRMHead) -> torch.Tensor | None:
+    return None if head.log_inner_lr is None else head.log_inner_lr.exp()
+
+
+def meta_batch_losses(head: MRMHead, shard: tasks.UserPairs, users: np.ndarray, support: np.ndarray,
+                      query: np.ndarray, cfg: TrainConfig) -> torch.Tensor:
+    """Query loss (B,) of each user in `users` after adapting on its support pairs."""
+    rows, seg = shard.rows(users)
+    s, q = support[rows], query[rows]
+    # One (rows, d) x (d, K) product per step: the only time the embeddings are read.
+    dphi = shard.diff[torch.from_numpy(rows)] @ head.weight().T
+    seg_t = torch.from_numpy(seg)
+    s_t, q_t = torch.from_numpy(s), torch.from_numpy(q)
+    theta = adapt(head.theta0, dphi[s_t], seg_t[s_t], len(users), cfg.inner, inner_lr(head))
+    return task_losses(theta, dphi[q_t], seg_t[q_t])
+
+
+@torch.no_grad()
+def adapt_and_score(head: MRMHead, shard: tasks.UserPairs, support: np.ndarray, query: np.ndarray,
+                    cfg: TrainConfig, steps: int | None = None, users_per_chunk: int = 65536):
+    """Adapt every user on its `support` rows, score its `query` rows.
+
+    Returns (theta (U, K), correct (U,), total (U,)).  Users are processed in
+    chunks so memory stays bounded by the chunk, not the population.
+    """
+    inner = cfg.inner if steps is None else type(cfg.inner)(**{**cfg.inner.__dict__, "steps": steps})
+    w = head.weight()
+    lr = inner_lr(head)
+    thetas, correct, total = [], [], []
+    for lo in range(0, shard.n_users, users_per_chunk):
+        users = np.arange(lo, min(lo + users_per_chunk, shard.n_users))
+        rows, seg = shard.rows(users)
+        dphi = shard.diff[torch.from_numpy(rows)] @ w.T
+        seg_t = torch.from_numpy(seg)
+        s_t, q_t = torch.from_numpy(support[rows]), torch.from_numpy(query[rows])
+        theta = adapt(head.theta0.detach(), dphi[s_t], seg_t[s_t], len(users), inner, lr)
+        c, n = per_user_correct(mix(theta.index_select(0, seg_t[q_t]), dphi[q_t]), seg_t[q_t], len(users))
+        thetas.append(theta.detach())
+        correct.append(c)
+        total.append(n)
+    if not thetas:
+        k = head.theta0.shape[0]
+        return torch.zeros(0, k), torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
+    return torch.cat(thetas), torch.cat(correct), torch.cat(total)
+
+
+def validate(head: MRMHead, shard: tasks.UserPairs, val: np.ndarray, cfg: TrainConfig, comm: Collective) -> float:
+    """Mean per-user accuracy on the validation carve (over all workers' users)."""
+    if not val.any() and comm.world == 1:
+        return float("nan")
+    _, c, n = adapt_and_score(head, shard, ~val, val, cfg, steps=cfg.eval_steps)
+    has = n > 0
+    acc = (c[has] / n[has]).sum() if has.any() else torch.zeros((), dtype=torch.float64)
+    sums = comm.all_sum(torch.stack([acc, has.sum().to(torch.float64)]))
+    return float(sums[0] / sums[1]) if sums[1] > 0 else float("nan")
+
+
+def meta_train(cfg: TrainConfig, head: MRMHead, shard: tasks.UserPairs, n_global_users: int,
+               state: TrainState | None = None,
+               on_epoch_end: Callable[[TrainState, dict], None] | None = None) -> TrainState:
+    """Meta-train `head` on the seen users of this worker's shard.
+
+    shard: this worker's seen users, their TRAIN pairs only (caps applied).
+    n_global_users: seen users over all workers (fixes the number of steps per epoch).
+    state: resume from it (epoch, optimizer, scheduler, best model, history).
+    on_epoch_end(state, metrics): called after every validation pass (checkpointing).
+    """
+    comm = Collective()
+    state = state or TrainState()
+    opt = torch.optim.Adam(head.parameters(), lr=cfg.meta_lr)
+    n_slots = max(1, math.ceil(n_global_users / cfg.tasks_per_batch))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.epochs * n_slots, cfg.warmup_ratio))
+    if state.head:
+        head.load_state_dict(state.head)
+        opt.load_state_dict(state.optimizer)
+        sched.load_state_dict(state.scheduler)
+    user_hash = tasks.hash_ids(shard.user_ids, cfg.seed)
+    val = tasks.validation_mask(shard, cfg.val_ratio, cfg.seed)
+    params = [p for p in head.parameters()]
+    for p in params:  # a worker whose users miss a meta-batch still joins the all-reduce with zeros
+        p.grad = torch.zeros_like(p)
+
+    for epoch in range(state.epoch, cfg.epochs):
+        t0 = time.time()
+        support, query = tasks.support_query_masks(shard, cfg.query_ratio, cfg.seed, epoch, exclude=val)
+        slot = tasks.epoch_slots(user_hash, n_slots, cfg.seed, epoch)
+        order = np.argsort(slot, kind="stable")
+        bounds = np.searchsorted(slot[order], np.arange(n_slots + 1))
+        local_sizes = torch.from_numpy(np.diff(bounds)).to(torch.float64)
+        all_sizes = comm.all_gather_rows(local_sizes).long()  # (world, n_slots)
+        objective_sum, loss_sum, users_seen, w_spread = 0.0, 0.0, 0, []
+        for t in range(n_slots):
+            sizes = all_sizes[:, t].tolist()
+            if sum(sizes) == 0:
+                continue
+            users = order[bounds[t]:bounds[t + 1]]
+            if len(users):
+                losses = meta_batch_losses(head, shard, users, support, query, cfg)
+            else:
+                losses = torch.zeros(0)
+            global_losses = comm.gather_ragged(losses.detach(), sizes)
+            j, coef = rpo.coefficients(global_losses, cfg.rpo)
+            lo = sum(sizes[: comm.rank])
+            opt.zero_grad(set_to_none=False)
+            if len(users):
+                (coef[lo:lo + len(users)] * losses).sum().backward()
+            for p in params:
+                comm.all_sum(p.grad)
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            sched.step()
+            objective_sum += float(j)
+            loss_sum += float(global_losses.sum())
+            users_seen += len(global_losses)
+            if cfg.rpo.enabled and len(global_losses) > 1:
+                w_spread.append(float(rpo.weights(global_losses, cfg.rpo).std()))
+        state.epoch = epoch + 1
+        if state.epoch % cfg.eval_every == 0 or state.epoch == cfg.epochs:
+            val_acc = validate(head, shard, val, cfg, comm)
+            metrics = {"epoch": state.epoch, "meta_loss": loss_sum / max(users_seen, 1),
+                       "objective": objective_sum / n_slots, "rpo_weight_std": float(np.mean(w_spread)) if w_spread else 0.0,
+                       "val_accuracy": val_acc, "lr": sched.get_last_lr()[0], "seconds": time.time() - t0,
+                       "users_per_second": users_seen / max(time.time() - t0, 1e-9)}
+            state.history.append(metrics)
+            state.head = {k: v.detach().clone() for k, v in head.state_dict().items()}
+            state.optimizer, state.scheduler = opt.state_dict(), sched.state_dict()
+            if not math.isnan(val_acc) and val_acc > state.best_val_accuracy or state.best_epoch < 0:
+                state.best_val_accuracy = -1.0 if math.isnan(val_acc) else val_acc
+                state.best_epoch, state.best_head = state.epoch, state.head
+            if comm.rank == 0:
+                log.info("epoch %d/%d  meta_loss %.4f  val_acc %.4f  (%.1f users/s)", state.epoch, cfg.epochs,
+                         metrics["meta_loss"], val_acc, metrics["users_per_second"])
+            if on_epoch_end is not None:
+                on_epoch_end(state, metrics)
+    return state

@@ -1,0 +1,97 @@
+"""The run directory: what `mrm train` leaves and every later stage reads.
+
+    <run>/config.json          the resolved TrainConfig
+    <run>/model.json           format version, embedding dim, model config, best epoch
+    <run>/model.safetensors    the selected (best validation) head: W layers, theta0[, log_inner_lr]
+    <run>/users.parquet        user_id, seen, train_pairs, test_pairs, skipped
+    <run>/history.json         per-epoch meta-loss, RPO weight spread, validation accuracy
+    <run>/checkpoints/...      resumable training state (Ray Train checkpoints)
+    <run>/metrics.json         written by `mrm evaluate`
+
+Weights are safetensors (no pickle); training state is torch.save'd plain
+tensors and numbers, loaded with weights_only=True.
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import pyarrow as pa
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from mrm_ray import config as config_mod
+from mrm_ray import storage
+from mrm_ray.errors import UserError
+from mrm_ray.model import ModelConfig, MRMHead
+
+FORMAT_VERSION = 1
+CONFIG, MODEL_JSON, MODEL, USERS, HISTORY, METRICS = (
+    "config.json", "model.json", "model.safetensors", "users.parquet", "history.json", "metrics.json")
+USER_COLUMNS = ("user_id", "seen", "train_pairs", "test_pairs", "skipped")
+
+
+@dataclass
+class Run:
+    uri: str
+    cfg: config_mod.TrainConfig
+    head: MRMHead
+    info: dict
+
+    @property
+    def dim(self) -> int:
+        return self.head.dim
+
+    def users(self) -> pa.Table:
+        return storage.read_table(storage.join(self.uri, USERS))
+
+
+def build_head(dim: int, cfg: config_mod.TrainConfig) -> MRMHead:
+    torch.manual_seed(cfg.seed)
+    return MRMHead(dim, cfg.model, learn_inner_lr=cfg.inner.learn_lr, inner_lr=cfg.inner.lr)
+
+
+def save_model(uri: str, head: MRMHead, cfg: config_mod.TrainConfig, extra: dict | None = None) -> None:
+    tensors = {k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()}
+    storage.write_bytes(storage.join(uri, MODEL), st_save(tensors))
+    storage.write_json(storage.join(uri, MODEL_JSON), {
+        "format_version": FORMAT_VERSION, "dim": head.dim, "model": config_mod.to_dict(cfg)["model"],
+        "learn_inner_lr": head.log_inner_lr is not None, **(extra or {})})
+
+
+def save_config(uri: str, cfg: config_mod.TrainConfig) -> None:
+    storage.write_json(storage.join(uri, CONFIG), config_mod.to_dict(cfg))
+
+
+def load_run(uri: str) -> Run:
+    """Load a finished run; one-line errors for a missing or incompatible directory."""
+    if not storage.exists(uri):
+        raise UserError(f"no run directory at {uri}")
+    for name in (CONFIG, MODEL_JSON, MODEL):
+        if not storage.exists(storage.join(uri, name)):
+            raise UserError(f"run {uri} is incomplete: {name} is missing (did training finish?)")
+    info = storage.read_json(storage.join(uri, MODEL_JSON))
+    if info.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"run {uri} has format version {info.get('format_version')!r}; "
+                        f"this mrm-ray reads version {FORMAT_VERSION}")
+    cfg = config_mod.from_dict(storage.read_json(storage.join(uri, CONFIG)))
+    head = build_head(int(info["dim"]), cfg)
+    try:
+        head.load_state_dict(st_load(storage.read_bytes(storage.join(uri, MODEL))))
+    except (RuntimeError, KeyError) as e:
+        raise UserError(f"run {uri}: model.safetensors does not match model.json ({str(e).splitlines()[0]})") from None
+    head.eval()
+    return Run(uri, cfg, head, info)
+
+
+def state_to_bytes(state) -> bytes:
+    """A meta.TrainState as bytes (plain tensors/numbers only)."""
+    buf = io.BytesIO()
+    torch.save(dict(state.__dict__), buf)
+    return buf.getvalue()
+
+
+def state_from_bytes(data: bytes):
+    from mrm_ray.meta import TrainState
+    return TrainState(**torch.load(io.BytesIO(data), weights_only=True))
