@@ -46,8 +46,8 @@ class TrainConfig:
     # meta-training
     query_ratio: float = 0.5             # share of a user's conversations in the query set each epoch
     epochs: int = 20
-    tasks_per_batch: int = 32            # users per global meta-batch (on average; see tasks.epoch_slots)
-    meta_lr: float = 5e-2
+    tasks_per_batch: int = 16            # users per global meta-batch (on average; see tasks.epoch_slots)
+    meta_lr: float = 0.1
     warmup_ratio: float = 0.05           # linear warm-up share of all steps, then cosine decay to 0
     grad_clip: float = 1.0               # max global grad norm (<= 0: off)
     eval_every: int = 1                  # epochs between validation passes (and checkpoints)

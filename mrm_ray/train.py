@@ -79,9 +79,11 @@ def scan_embeddings(uri: str, cfg: config_mod.TrainConfig) -> Scan:
 def seen_train_pairs(uri: str, users: pa.Table, cfg: config_mod.TrainConfig) -> tasks.UserPairs:
     """The meta-training pairs of the given (seen, not skipped) users, caps applied."""
     ids = users.column("user_id")
-    table = storage.read_table(uri, columns=SCAN_COLUMNS,
-                               filter=(pc.field(C.USER_ID).isin(ids)) & (pc.field(C.SPLIT) != C.TEST)
-                               if C.SPLIT in storage.schema(uri).names else pc.field(C.USER_ID).isin(ids))
+    names = storage.schema(uri).names
+    keep = pc.field(C.USER_ID).isin(ids)
+    if C.SPLIT in names:
+        keep = keep & (pc.field(C.SPLIT) != C.TEST)
+    table = storage.read_table(uri, columns=[c for c in SCAN_COLUMNS if c in names], filter=keep)
     shard = tasks.user_pairs_from_table(C.normalize_embeddings(table), users=ids.to_numpy(zero_copy_only=False))
     return shard.select(tasks.cap_pairs(shard, cfg.seen_train_limit, cfg.seed))
 
