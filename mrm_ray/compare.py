@@ -1,0 +1,391 @@
+"""MRM, MRM+RPO and the baselines on one split, one table (`mrm compare`).
+
+    mrm compare --embeddings data/emb --out cmp/                        # default config, local training
+    mrm compare --embeddings data/emb --out cmp/ --epochs 5 inner.lr=2.0
+    mrm compare --embeddings data/emb --out cmp/ --config exp.yaml --ray  # MRM variants on Ray Train
+
+Methods, all on the same embeddings, the same seen/unseen split (seed and
+seen_ratio of the config), the same train-pair caps and the same metrics:
+  shared BT   one Bradley-Terry reward for everyone, fit on the seen users' train pairs
+  LoRe        jointly learned basis + per-user softmax weights; new users by 100 Adam steps from a neutral start
+  PReF        SVD-initialised logistic matrix factorization; new users by regularized maximum likelihood
+  MRM         meta-learned basis and theta_0 (rpo.enabled=false)
+  MRM+RPO     the same with the robust objective (the config's rpo section, enabled)
+  oracle      the true reward of each user (synthetic populations only): a ceiling
+Every method adapts every user (seen and unseen) on its train pairs and is scored
+on its test pairs; the few-shot columns adapt on 1, 2, 4, 8, 16 train pairs.
+Both MRM variants are trained and evaluated by `mrm train` / `mrm evaluate`
+(run directories under DIR/runs/); the baselines select their hyperparameters
+on the same validation carve of the seen users' train pairs as MRM.
+
+Active onboarding (mrm_ray.active): unseen users with at least 2 x --questions
+train pairs get their train pairs as an unlabeled pool and answer --questions
+questions chosen by uncertainty, margin or at random; after each answer they
+are re-adapted from the MRM+RPO theta_0 and scored on their test pairs.
+
+Outputs in DIR: comparison.md (tables), comparison.json (everything), few_shot.png,
+active.png, per_user.parquet (every method's accuracy per user).
+
+The baselines hold the whole table in memory (one float32 difference per pair):
+meant for research-sized populations; `mrm evaluate` is the scalable path.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import time
+from contextlib import contextmanager
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from mrm_ray import active, baselines, config as config_mod, runs, storage, synth, tasks
+from mrm_ray import contract as C
+from mrm_ray import metrics as M
+from mrm_ray.errors import UserError
+
+log = logging.getLogger(__name__)
+
+SHOTS = (1, 2, 4, 8, 16)
+BT_MAX_PAIRS = 500_000
+# (key, label) in table order; the key prefixes the per-user columns.
+METHODS = (("shared_bt", "shared BT"), ("lore", "LoRe"), ("pref", "PReF"), ("mrm", "MRM (no RPO)"),
+           ("mrm_rpo", "MRM + RPO"), ("oracle", "oracle (truth)"))
+MRM_VARIANTS = {"mrm": "rpo.enabled=false", "mrm_rpo": "rpo.enabled=true"}
+ACTIVE_STRATEGIES = ("uncertainty", "margin", "random")
+RANDOM_REPEATS = 5
+
+
+@contextmanager
+def _one_thread():
+    """Small batched ops: one intra-op thread avoids waiting on descheduled threads on busy machines."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+# --- MRM variants: through the train / evaluate stages ----------------------------------
+def train_and_evaluate_mrm(key: str, args, embeddings: str, out: str) -> tuple[runs.Run, pa.Table, dict]:
+    """Train (or resume) one MRM variant into DIR/runs/<key>, evaluate it; (run, per-user table, metrics)."""
+    from mrm_ray import evaluate, train
+    run_dir = storage.join(out, "runs", key)
+    overrides = list(args.overrides) + ([f"epochs={args.epochs}"] if args.epochs else []) + [MRM_VARIANTS[key]]
+    targs = argparse.Namespace(embeddings=embeddings, out=run_dir, config=args.config, preset=args.preset,
+                               workers=None, local=not args.ray, overrides=overrides)
+    t0 = time.time()
+    try:
+        train.run(targs)
+    except ModuleNotFoundError as e:
+        if not args.ray:
+            raise
+        raise UserError(f"--ray needs {e.name}, which this install lacks; drop --ray to train locally") from None
+    run = runs.load_run(run_dir)
+    metrics = evaluate.evaluate(run, embeddings, storage.join(run_dir, runs.METRICS), shots=SHOTS, baseline=False)
+    log.info("%s: trained and evaluated in %.1fs (unseen accuracy %.4f)", key, time.time() - t0,
+             metrics["unseen"]["accuracy"] or float("nan"))
+    return run, storage.read_table(storage.join(run_dir, "per_user.parquet")), metrics
+
+
+# --- baselines: in memory ----------------------------------------------------------------
+def load_population(embeddings: str) -> tasks.UserPairs:
+    schema = storage.schema(embeddings)
+    C.require_columns(schema, C.EMBEDDINGS_REQUIRED, "embeddings")
+    cols = [c for c in (C.USER_ID, C.PAIR_ID, C.CONV_ID, C.SPLIT, C.CHOSEN_EMB, C.REJECTED_EMB) if c in schema.names]
+    shard = tasks.user_pairs_from_table(C.normalize_embeddings(storage.read_table(embeddings, columns=cols)))
+    if shard.is_test is None or not shard.is_test.any():
+        raise UserError(f"{embeddings} has no test pairs (split == 'test'): nothing to score")
+    return shard
+
+
+def support_rows(shard: tasks.UserPairs, seen: np.ndarray, cfg: config_mod.TrainConfig) -> np.ndarray:
+    """The train rows each user adapts on, with the seen/unseen caps (as `mrm evaluate`)."""
+    train = ~shard.is_test
+    seen_rows = seen[shard.pair_user()]
+    return np.where(seen_rows, tasks.cap_pairs(shard, cfg.seen_train_limit, cfg.seed, eligible=train),
+                    tasks.cap_pairs(shard, cfg.unseen_train_limit, cfg.seed, eligible=train))
+
+
+def _per_user_accuracy(margin: torch.Tensor, seg: torch.Tensor, n_users: int) -> np.ndarray:
+    c, n = M.per_user_correct(margin, seg, n_users)
+    return np.where(n.numpy() > 0, (c / n.clamp(min=1)).numpy(), np.nan)
+
+
+def score_baselines(shard: tasks.UserPairs, seen: np.ndarray, cfg: config_mod.TrainConfig) -> tuple[dict, dict]:
+    """Fit shared BT, LoRe and PReF on the seen users; per-user accuracy columns of every user."""
+    pu = shard.pair_user()
+    support, test = support_rows(shard, seen, cfg), shard.is_test
+    seen_shard = shard.select(support & seen[pu], keep_empty_users=False)
+    if seen_shard.n_users == 0:
+        raise UserError("no seen user has train pairs: nothing to fit the baselines on")
+    seen_seg = torch.from_numpy(seen_shard.pair_user())
+    val = torch.from_numpy(tasks.validation_mask(seen_shard, cfg.val_ratio, cfg.seed))
+    seg = torch.from_numpy(pu)
+    te = torch.from_numpy(test)
+    n_train = np.bincount(pu, weights=~test, minlength=shard.n_users)
+    shot_masks = {k: tasks.cap_pairs(shard, k, cfg.seed, eligible=~test) for k in SHOTS}
+    cols, info = {}, {}
+
+    t0 = time.time()
+    v = baselines.fit_shared_bt(seen_shard.diff[:BT_MAX_PAIRS])
+    acc = _per_user_accuracy(shard.diff[te] @ v, seg[te], shard.n_users)
+    cols["shared_bt_accuracy"] = acc
+    for k in SHOTS:  # no adaptation: the same reward whatever the support
+        cols[f"shared_bt_acc_{k}_shot"] = np.where(n_train >= k, acc, np.nan)
+    info["shared_bt"] = {"seconds": time.time() - t0}
+    log.info("shared BT: fit on %d pairs in %.1fs", min(len(seen_shard.diff), BT_MAX_PAIRS), time.time() - t0)
+
+    k_heads = cfg.model.n_heads
+    fits = (("lore", lambda: baselines.fit_lore(seen_shard.diff, seen_seg, seen_shard.n_users, val,
+                                                baselines.LoReConfig(n_heads=k_heads, seed=cfg.seed))),
+            ("pref", lambda: baselines.fit_pref(seen_shard.diff, seen_seg, seen_shard.n_users, val,
+                                                baselines.PReFConfig(n_heads=k_heads))))
+    for key, fit in fits:
+        t0 = time.time()
+        model = fit()
+        sup = torch.from_numpy(support)
+        theta = model.fit_users(shard.diff[sup], seg[sup], shard.n_users)
+        cols[f"{key}_accuracy"] = _per_user_accuracy(model.margins(theta, shard.diff[te], seg[te]), seg[te],
+                                                     shard.n_users)
+        for k, mask in shot_masks.items():
+            m = torch.from_numpy(mask)
+            theta_k = model.fit_users(shard.diff[m], seg[m], shard.n_users)
+            acc = _per_user_accuracy(model.margins(theta_k, shard.diff[te], seg[te]), seg[te], shard.n_users)
+            cols[f"{key}_acc_{k}_shot"] = np.where(n_train >= k, acc, np.nan)
+        info[key] = {"seconds": time.time() - t0, "new_user_regularization": model.l2, "history": model.history}
+        log.info("%s: fit and scored in %.1fs (new-user regularization %g)", model.name, time.time() - t0, model.l2)
+    return cols, info
+
+
+# --- active onboarding ---------------------------------------------------------------------
+def active_curves(run: runs.Run, shard: tasks.UserPairs, seen: np.ndarray, n_questions: int) -> dict:
+    """Accuracy after 0..n_questions answers, per strategy, on unseen users with >= 2 n_questions train pairs."""
+    pu = shard.pair_user()
+    support = support_rows(shard, seen, run.cfg)
+    n_pool = np.bincount(pu, weights=support, minlength=shard.n_users)
+    n_test = np.bincount(pu, weights=shard.is_test, minlength=shard.n_users)
+    users = np.flatnonzero(~seen & (n_pool >= 2 * n_questions) & (n_test > 0))
+    out = {"users": int(len(users)), "questions": n_questions, "min_pool": 2 * n_questions, "curves": {}}
+    if len(users) == 0 or n_questions < 1:
+        return out
+    rows, seg = shard.rows(users)
+    pool, test = support[rows], shard.is_test[rows]
+    seg_t, rows_t = torch.from_numpy(seg), torch.from_numpy(rows)
+    pool_t, test_t = torch.from_numpy(pool), torch.from_numpy(test)
+    diff = shard.diff[rows_t]
+    kw = dict(test_diff=diff[test_t], test_seg=seg_t[test_t], n_users=len(users))
+    # Pool rows are oriented chosen - rejected, so every answer is "the first"; the
+    # criteria are symmetric in the sign of a pair, so the orientation leaks nothing.
+    labels = torch.ones(int(pool.sum()), dtype=torch.bool)
+    for strategy in ACTIVE_STRATEGIES:
+        repeats = RANDOM_REPEATS if strategy == "random" else 1
+        curves = [active.onboard(run.head, run.cfg, diff[pool_t], seg_t[pool_t], labels, n_questions, strategy,
+                                 seed=run.cfg.seed + r, **kw).curve for r in range(repeats)]
+        out["curves"][strategy] = np.mean(curves, axis=0).tolist()
+    return out
+
+
+# --- report ----------------------------------------------------------------------------------
+def summarize_methods(per_user: pa.Table, keys) -> dict:
+    seen = per_user.column("seen").to_numpy(zero_copy_only=False)
+    pairs = per_user.column("test_pairs").to_numpy()
+    out = {}
+    for key in keys:
+        acc = per_user.column(f"{key}_accuracy").to_numpy(zero_copy_only=False)
+        ok = pairs > 0
+        summary = M.report({"seen": seen[ok], "accuracy": acc[ok], "test_pairs": pairs[ok]})
+        summary["few_shot"] = {}
+        for k in SHOTS:
+            a = per_user.column(f"{key}_acc_{k}_shot").to_numpy(zero_copy_only=False)
+            has = ok & ~np.isnan(a)
+            summary["few_shot"][str(k)] = {
+                "seen": float(a[has & seen].mean()) if (has & seen).any() else None,
+                "unseen": float(a[has & ~seen].mean()) if (has & ~seen).any() else None,
+                "users": int(has.sum())}
+        out[key] = summary
+    return out
+
+
+def _paired(ref: np.ndarray, other: np.ndarray) -> dict | None:
+    d = ref - other
+    d = d[~np.isnan(d)]
+    if len(d) == 0:
+        return None
+    half = 1.96 * d.std(ddof=1) / math.sqrt(len(d)) if len(d) > 1 else float("nan")
+    return {"mean": float(d.mean()), "ci95": [float(d.mean() - half), float(d.mean() + half)], "users": int(len(d))}
+
+
+def paired_differences(per_user: pa.Table, keys, reference: str = "mrm_rpo") -> dict:
+    """Per unseen user, reference minus method accuracy (all train pairs, and 1 support pair):
+    mean with a normal 95% interval.  Paired, so the users' own difficulty cancels."""
+    seen = per_user.column("seen").to_numpy(zero_copy_only=False)
+    ok = (per_user.column("test_pairs").to_numpy() > 0) & ~seen
+
+    def col(key, suffix):
+        return per_user.column(f"{key}_{suffix}").to_numpy(zero_copy_only=False)[ok].astype(np.float64)
+    out = {}
+    for key in keys:
+        if key == reference:
+            continue
+        diffs = {"all": _paired(col(reference, "accuracy"), col(key, "accuracy")),
+                 "1_shot": _paired(col(reference, "acc_1_shot"), col(key, "acc_1_shot"))}
+        if diffs["all"] is not None:
+            out[key] = diffs
+    return out
+
+
+def _f(x, digits: int = 3) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def markdown(report: dict) -> str:
+    labels = dict(METHODS)
+    d, methods = report["data"], report["methods"]
+    lines = [
+        "# MRM vs baselines",
+        "",
+        f"Embeddings `{d['embeddings']}`: {d['users']} users ({d['seen_users']} seen, {d['unseen_users']} unseen), "
+        f"{d['pairs']} pairs, dim {d['dim']}; split seed {d['seed']}, K = {d['n_heads']} base rewards, "
+        f"MRM {d['epochs']} epochs.",
+        "",
+        "Mean per-user test accuracy (ties count as wrong).  worst-10% and std are over unseen users; "
+        "@k: unseen users adapted on k train pairs (users with at least k).",
+        "",
+        "| method | seen | unseen | overall | worst-10% | std | " + " | ".join(f"@{k}" for k in SHOTS) + " |",
+        "|---|" + "---:|" * (5 + len(SHOTS)),
+    ]
+    for key, m in methods.items():
+        fs = [_f(m["few_shot"][str(k)]["unseen"]) for k in SHOTS]
+        lines.append(f"| {labels[key]} | {_f(m['seen']['accuracy'])} | {_f(m['unseen']['accuracy'])} | "
+                     f"{_f(m['overall']['accuracy'])} | {_f(m['unseen']['worst10_accuracy'])} | "
+                     f"{_f(m['unseen']['std'])} | " + " | ".join(fs) + " |")
+    if report.get("paired"):
+        lines += ["", "MRM + RPO minus each method, paired per unseen user: mean [95% interval]:", "",
+                  "| method | all train pairs | 1 support pair | users |", "|---|---:|---:|---:|"]
+
+        def cell(p):
+            return "n/a" if p is None else f"{p['mean']:+.4f} [{p['ci95'][0]:+.4f}, {p['ci95'][1]:+.4f}]"
+        for key, p in report["paired"].items():
+            lines.append(f"| {labels[key]} | {cell(p['all'])} | {cell(p['1_shot'])} | {p['all']['users']} |")
+    a = report.get("active")
+    if a and a["curves"]:
+        n = a["questions"]
+        lines += ["", f"Active onboarding (MRM + RPO): accuracy of {a['users']} unseen users (those with at least "
+                  f"{a['min_pool']} train pairs as the unlabeled pool) after q questions; q = 0 is theta_0 alone. "
+                  f"random: mean of {RANDOM_REPEATS} seeds.", "",
+                  "| strategy | " + " | ".join(f"q={q}" for q in range(n + 1)) + " |",
+                  "|---|" + "---:|" * (n + 1)]
+        for s, curve in a["curves"].items():
+            lines.append(f"| {s} | " + " | ".join(_f(c) for c in curve) + " |")
+    elif a:
+        lines += ["", f"Active onboarding: no unseen user has {a['min_pool']} train pairs; skipped."]
+    lines.append("")
+    return "\n".join(lines)
+
+
+def write_plots(out: str, report: dict) -> None:
+    from mrm_ray import plots
+    labels = dict(METHODS)
+    curves = {labels[key]: {k: m["few_shot"][str(k)]["unseen"] for k in SHOTS}
+              for key, m in report["methods"].items()}
+    storage.write_bytes(storage.join(out, "few_shot.png"),
+                        plots.few_shot(curves, title="unseen users: accuracy vs number of support pairs"))
+    a = report.get("active")
+    if a and a["curves"]:
+        storage.write_bytes(storage.join(out, "active.png"), plots.few_shot(
+            {s: {q: c[q] for q in range(1, len(c))} for s, c in a["curves"].items()},
+            title="active onboarding (MRM + RPO): accuracy vs questions asked"))
+
+
+def compare(args) -> dict:
+    """Train/fit every method, score them on one split, write the report into args.out."""
+    t_start, out = time.time(), args.out
+    results = {}
+    for key in MRM_VARIANTS:
+        log.info("compare: training and evaluating %s", key)
+        results[key] = train_and_evaluate_mrm(key, args, args.embeddings, out)
+    run = results["mrm_rpo"][0]
+    cfg = run.cfg
+    log.info("compare: loading %s for the baselines", args.embeddings)
+    shard = load_population(args.embeddings)
+    users = run.users()
+    seen_ids = users.filter(pc.and_(users.column("seen"), pc.invert(users.column("skipped")))).column("user_id")
+    seen = pc.is_in(pa.array(shard.user_ids.astype(str)), pa.array(seen_ids.to_numpy(zero_copy_only=False).astype(str)))
+    seen = seen.to_numpy(zero_copy_only=False)
+    with _one_thread():
+        cols, info = score_baselines(shard, seen, cfg)
+    pu, n = shard.pair_user(), shard.n_users
+    per_user = pa.table({C.USER_ID: shard.user_ids.astype(str), "seen": seen,
+                         "train_pairs": np.bincount(pu, weights=~shard.is_test, minlength=n).astype(np.int64),
+                         "test_pairs": np.bincount(pu, weights=shard.is_test, minlength=n).astype(np.int64),
+                         **cols})
+    for key in MRM_VARIANTS:  # the evaluate stage's per-user results, joined by user id
+        pt = results[key][1]
+        keep = [C.USER_ID, "accuracy"] + [f"acc_{k}_shot" for k in SHOTS]
+        renamed = pt.select(keep).rename_columns([C.USER_ID] + [f"{key}_{c}" for c in keep[1:]])
+        per_user = per_user.join(renamed, C.USER_ID)
+    keys = [k for k, _ in METHODS if k != "oracle"]
+    truth = synth.read_truth(args.embeddings)
+    if truth is not None:
+        per_user = per_user.join(truth.select([C.USER_ID, "oracle_test_accuracy"]), C.USER_ID)
+        oracle = per_user.column("oracle_test_accuracy").to_numpy(zero_copy_only=False).astype(np.float64)
+        n_train = per_user.column("train_pairs").to_numpy()
+        per_user = per_user.append_column("oracle_accuracy", pa.array(oracle))
+        for k in SHOTS:  # knows the truth: no support needed
+            per_user = per_user.append_column(f"oracle_acc_{k}_shot", pa.array(np.where(n_train >= k, oracle, np.nan)))
+        keys.append("oracle")
+    per_user = per_user.sort_by(C.USER_ID)
+    log.info("compare: active onboarding (%d questions)", args.questions)
+    with _one_thread():
+        act = active_curves(run, shard, seen, args.questions)
+    has = per_user.column("test_pairs").to_numpy() > 0
+    seen_pu = per_user.column("seen").to_numpy(zero_copy_only=False)
+    report = {
+        "data": {"embeddings": args.embeddings, "users": int(shard.n_users), "pairs": int(shard.n_pairs),
+                 "dim": int(shard.dim), "seen_users": int((has & seen_pu).sum()),
+                 "unseen_users": int((has & ~seen_pu).sum()), "seed": cfg.seed, "n_heads": cfg.model.n_heads,
+                 "epochs": cfg.epochs},
+        "methods": summarize_methods(per_user, keys),
+        "paired": paired_differences(per_user, [k for k in keys if k != "oracle"]),
+        "active": act,
+        "baselines": info,
+        "runs": {key: storage.join(out, "runs", key) for key in MRM_VARIANTS},
+        "config": config_mod.to_dict(cfg),
+    }
+    storage.write_table(per_user, storage.join(out, "per_user.parquet"))
+    write_plots(out, report)
+    storage.write_bytes(storage.join(out, "comparison.md"), markdown(report).encode())
+    report["seconds"] = time.time() - t_start
+    storage.write_json(storage.join(out, "comparison.json"), report)  # last: its presence means complete
+    return report
+
+
+# --- CLI -----------------------------------------------------------------------------------------
+def add_arguments(p) -> None:
+    p.add_argument("--embeddings", required=True, help="embeddings table URI (train pairs adapt, test pairs score)")
+    p.add_argument("--out", required=True, help="report directory; MRM runs go to DIR/runs/ (re-running resumes them)")
+    p.add_argument("--config", help="YAML config for both MRM variants (also fixes the split seed and K)")
+    p.add_argument("--preset", default="default", choices=sorted(config_mod.PRESETS), help="MRM starting config")
+    p.add_argument("--epochs", type=int, help="MRM meta-training epochs (same as epochs=N)")
+    p.add_argument("--questions", type=int, default=8, help="active onboarding: questions per unseen user")
+    p.add_argument("--ray", action="store_true", help="train the MRM variants with Ray Train instead of in-process")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="config overrides for both MRM variants, e.g. inner.lr=2.0 model.n_heads=3")
+
+
+def run(args) -> int:
+    if args.epochs is not None and args.epochs < 1:
+        raise UserError("--epochs must be >= 1")
+    if args.questions < 0:
+        raise UserError("--questions must be >= 0")
+    if any(o.split("=", 1)[0].strip() == "rpo.enabled" for o in args.overrides):
+        raise UserError("rpo.enabled is set by compare itself (one variant without RPO, one with)")
+    report = compare(args)
+    print(markdown(report))
+    print(f"report: {storage.join(args.out, 'comparison.md')} ({report['seconds']:.0f}s)")
+    return 0
