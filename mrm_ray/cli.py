@@ -20,7 +20,7 @@ COMMANDS = {
     "embed": ("mrm_ray.embed", "embed preference pairs with a frozen reward model (Ray Data)"),
     "train": ("mrm_ray.train", "meta-train MRM (+RPO) on an embeddings table (Ray Train)"),
     "evaluate": ("mrm_ray.evaluate", "adapt every user on its train pairs, score its test pairs"),
-    "score": ("mrm_ray.score", "bulk-score a user population's candidates (Ray Data)"),
+    "score": ("mrm_ray.score", "bulk-score a user population's candidates (parallel Ray tasks over user partitions)"),
     "compare": ("mrm_ray.compare", "MRM, MRM+RPO and baselines on one split: table and plot"),
     "export-hf": ("mrm_ray.export", "write one user's reward model as a transformers checkpoint"),
     "demo": ("mrm_ray.demo", "the whole chain on the embedded defaults (local Ray, local files)"),

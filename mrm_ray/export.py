@@ -1,0 +1,186 @@
+"""Write one user's personalized reward model as a standard transformers checkpoint.
+
+    mrm export-hf --run runs/r1 --user alice --backbone Skywork/Skywork-Reward-V2-Llama-3.1-8B \\
+        --weights scored/ --out models/alice            # weights from `mrm score`
+    mrm export-hf ... --support data/emb --out models/alice   # adapt on alice's rows of an embeddings table
+
+MRM's reward of a response is linear in the backbone's last-token hidden state e:
+r_u(e) = v_u . e with v_u = s W^T softmax(theta_u).  A sequence-classification model
+(`LlamaForSequenceClassification` and friends) computes exactly `score.weight @ h`
+on the hidden state h of the last non-padding token, so the personalized model is
+the frozen backbone with `score.weight = v_u` (num_labels=1, no bias):
+
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    model = AutoModelForSequenceClassification.from_pretrained("models/alice")
+    tok = AutoTokenizer.from_pretrained("models/alice")
+    ids = tok.apply_chat_template(messages, tokenize=True, return_tensors="pt", return_dict=True)
+    reward = model(**ids).logits[0, 0]          # = alice's MRM reward of that conversation
+
+The backbone may be a reward model (its score head is replaced) or a base / causal
+LM checkpoint of a decoder (a score head is added).  Encoders (BERT & co.) pool
+differently and are refused.  Where the user's weights come from, in order:
+--weights (a score output or weights table), --support (adapt on the user's pairs),
+else `<run>/per_user.parquet` of `mrm evaluate`; a user found in none of them gets the
+population prior theta_0, with a warning.  config.json records the user and the run
+(`mrm_user`, `mrm`).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import uuid
+
+import torch
+
+from mrm_ray import api, runs, storage
+from mrm_ray.errors import UserError
+
+log = logging.getLogger(__name__)
+PER_USER = "per_user.parquet"  # written next to metrics.json by `mrm evaluate`
+
+
+def user_weights(rm: api.RewardModel, user_id: str, weights: str | None = None, support: str | None = None,
+                 support_split: str = "all") -> tuple[api.UserReward, str]:
+    """(the user's reward model, where it came from: weights | support | per_user | prior)."""
+    if support is not None:
+        user = rm.adapt_from_table(support, user_id, support_split)
+        if user.prior:
+            log.warning("user %r has no pairs in %s: exporting the population prior theta_0", user_id, support)
+            return user, "prior"
+        return user, "support"
+    source = weights
+    if source is None and storage.exists(storage.join(rm.run.uri, PER_USER)):
+        source = storage.join(rm.run.uri, PER_USER)
+    if source is None:
+        log.warning("no --weights or --support given and %s has no %s: exporting the population prior theta_0 "
+                    "for user %r", rm.run.uri, PER_USER, user_id)
+        return rm.prior(), "prior"
+    user = rm.user_from_weights(source, user_id)
+    if user is None:
+        log.warning("user %r is not in %s: exporting the population prior theta_0", user_id, source)
+        return rm.prior(), "prior"
+    return user, "weights" if source == weights else "per_user"
+
+
+def build_model(backbone: str, vector: torch.Tensor, dtype: str = "auto"):
+    """(model, tokenizer): `backbone` as a one-logit sequence classifier whose score head is `vector`."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    from mrm_ray.embed import ENCODER_TYPES, _load_error, load_tokenizer
+
+    tokenizer = load_tokenizer(backbone)
+    path = os.path.expanduser(str(backbone))
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise _load_error(backbone, e) from None
+    if config.model_type in ENCODER_TYPES:
+        raise UserError(f"backbone {backbone} is an encoder ({config.model_type}); export-hf needs a decoder whose "
+                        "sequence-classification head reads the last token's hidden state (Llama, Mistral, Qwen, ...)")
+    hidden = config.get_text_config().hidden_size
+    if hidden != vector.shape[0]:
+        raise UserError(f"backbone {backbone} has hidden size {hidden}, the run's embeddings have d={vector.shape[0]}")
+    config.num_labels = 1
+    if config.pad_token_id is None:  # the head finds the last token by pad id; batches need one
+        config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # a base checkpoint's "score.weight newly initialized": we set it next
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, config=config, dtype=dtype if dtype == "auto" else getattr(torch, dtype))
+    except (OSError, ValueError) as e:
+        raise _load_error(backbone, e) from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    head = getattr(model, "score", None)
+    if not isinstance(head, torch.nn.Linear):
+        raise UserError(f"backbone {backbone} ({type(model).__name__}) has no linear `score` head to personalize")
+    with torch.no_grad():
+        head.weight.data = vector.reshape(1, -1).to(head.weight.dtype).clone()
+        if head.bias is not None:
+            head.bias.zero_()
+    return model.eval(), tokenizer
+
+
+def _save_local(model, tokenizer, out: str) -> None:
+    """save_pretrained into a sibling folder, then swap it in: a crash never leaves half a checkpoint."""
+    out = os.path.abspath(os.path.expanduser(out))
+    _check_out(out)
+    tmp = f"{out}.partial-{uuid.uuid4().hex[:8]}"
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if os.path.exists(out):
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _check_out(out: str) -> None:
+    """Never replace a folder that is not a previous export (it may be someone's work)."""
+    if os.path.isfile(out) or os.path.isdir(out) and os.listdir(out) and not _is_export(out):
+        raise UserError(f"{out} exists and is not an mrm export; pick an empty or new folder")
+
+
+def _is_export(folder: str) -> bool:
+    import json
+    try:
+        with open(os.path.join(folder, "config.json")) as f:
+            return "mrm_user" in json.load(f)
+    except (OSError, ValueError):
+        return False
+
+
+def export(run_uri: str, user_id: str, backbone: str, out: str, weights: str | None = None,
+           support: str | None = None, support_split: str = "all", dtype: str = "auto") -> dict:
+    """Export one user's reward model to `out` (local folder or s3://); returns what config.json records."""
+    if not storage.is_remote(out):
+        _check_out(os.path.abspath(os.path.expanduser(out)))  # before loading anything big
+    rm = api.load(run_uri)
+    user, source = user_weights(rm, user_id, weights, support, support_split)
+    model, tokenizer = build_model(backbone, user.vector, dtype)
+    record = {"user_id": str(user_id), "run": run_uri, "source": source, "prior": user.prior,
+              "n_support": user.n_support, "theta": [float(x) for x in user.theta],
+              "inner_steps": rm.scorer.inner.steps, "backbone": str(backbone),
+              "reward": "logit = v_u . h_last, v_u = s W^T softmax(theta)"}
+    model.config.mrm_user = str(user_id)
+    model.config.mrm = record
+    if storage.is_remote(out):
+        with tempfile.TemporaryDirectory(prefix="mrm-export-") as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            for name in sorted(os.listdir(tmp)):
+                with open(os.path.join(tmp, name), "rb") as f:
+                    storage.write_bytes(storage.join(out, name), f.read())
+    else:
+        _save_local(model, tokenizer, out)
+    return record
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--run", required=True, help="run directory written by mrm train")
+    p.add_argument("--user", required=True, help="the user_id to export")
+    p.add_argument("--backbone", required=True,
+                   help="the backbone that embedded the pairs (name or local folder): a reward model or a base decoder")
+    p.add_argument("--out", required=True, help="output folder for the transformers checkpoint (local or s3://)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--weights", help="mrm score output (or its weights/ table) holding the user's adapted theta; "
+                                       "with neither --weights nor --support: <run>/per_user.parquet of mrm evaluate")
+    src.add_argument("--support", help="embeddings table: adapt the user on its rows now")
+    p.add_argument("--support-split", choices=("all", "train"), default="all",
+                   help="with --support: adapt on all of the user's rows, or only split=train")
+    p.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto",
+                   help="weights dtype of the saved checkpoint (auto: the backbone's own)")
+
+
+def run(args) -> int:
+    runs.load_run(args.run)  # one-line error for a missing/incomplete run before loading a backbone
+    rec = export(args.run, args.user, args.backbone, args.out, args.weights, args.support, args.support_split,
+                 args.dtype)
+    what = "population prior (user not found)" if rec["source"] == "prior" else f"adapted weights ({rec['source']})"
+    print(f"exported user {args.user!r} ({what}, theta={[round(t, 4) for t in rec['theta']]}) to {args.out}")
+    return 0
