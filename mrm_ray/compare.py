@@ -35,7 +35,6 @@ import argparse
 import logging
 import math
 import time
-from contextlib import contextmanager
 
 import numpy as np
 import pyarrow as pa
@@ -46,6 +45,7 @@ from mrm_ray import active, baselines, config as config_mod, runs, storage, synt
 from mrm_ray import contract as C
 from mrm_ray import metrics as M
 from mrm_ray.errors import UserError
+from mrm_ray.meta import single_thread
 
 log = logging.getLogger(__name__)
 
@@ -57,17 +57,6 @@ METHODS = (("shared_bt", "shared BT"), ("lore", "LoRe"), ("pref", "PReF"), ("mrm
 MRM_VARIANTS = {"mrm": "rpo.enabled=false", "mrm_rpo": "rpo.enabled=true"}
 ACTIVE_STRATEGIES = ("uncertainty", "margin", "random")
 RANDOM_REPEATS = 5
-
-
-@contextmanager
-def _one_thread():
-    """Small batched ops: one intra-op thread avoids waiting on descheduled threads on busy machines."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 # --- MRM variants: through the train / evaluate stages ----------------------------------
@@ -199,14 +188,8 @@ def summarize_methods(per_user: pa.Table, keys) -> dict:
         acc = per_user.column(f"{key}_accuracy").to_numpy(zero_copy_only=False)
         ok = pairs > 0
         summary = M.report({"seen": seen[ok], "accuracy": acc[ok], "test_pairs": pairs[ok]})
-        summary["few_shot"] = {}
-        for k in SHOTS:
-            a = per_user.column(f"{key}_acc_{k}_shot").to_numpy(zero_copy_only=False)
-            has = ok & ~np.isnan(a)
-            summary["few_shot"][str(k)] = {
-                "seen": float(a[has & seen].mean()) if (has & seen).any() else None,
-                "unseen": float(a[has & ~seen].mean()) if (has & ~seen).any() else None,
-                "users": int(has.sum())}
+        summary["few_shot"] = M.few_shot(
+            {k: per_user.column(f"{key}_acc_{k}_shot").to_numpy(zero_copy_only=False) for k in SHOTS}, seen, ok)
         out[key] = summary
     return out
 
@@ -317,7 +300,7 @@ def compare(args) -> dict:
     seen_ids = users.filter(pc.and_(users.column("seen"), pc.invert(users.column("skipped")))).column("user_id")
     seen = pc.is_in(pa.array(shard.user_ids.astype(str)), pa.array(seen_ids.to_numpy(zero_copy_only=False).astype(str)))
     seen = seen.to_numpy(zero_copy_only=False)
-    with _one_thread():
+    with single_thread():
         cols, info = score_baselines(shard, seen, cfg)
     pu, n = shard.pair_user(), shard.n_users
     per_user = pa.table({C.USER_ID: shard.user_ids.astype(str), "seen": seen,
@@ -341,7 +324,7 @@ def compare(args) -> dict:
         keys.append("oracle")
     per_user = per_user.sort_by(C.USER_ID)
     log.info("compare: active onboarding (%d questions)", args.questions)
-    with _one_thread():
+    with single_thread():
         act = active_curves(run, shard, seen, args.questions)
     has = per_user.column("test_pairs").to_numpy() > 0
     seen_pu = per_user.column("seen").to_numpy(zero_copy_only=False)

@@ -123,14 +123,8 @@ def _write_outputs(run, per_user: pa.Table, embeddings: str, out: str, shots) ->
     has = per_user.column("test_pairs").to_numpy() > 0
     if "bt_accuracy" in per_user.column_names:
         metrics["baselines"] = {"shared_bt": _summaries(per_user, "bt_accuracy")}
-    metrics["few_shot"] = {}
-    for k in shots:
-        acc = per_user.column(f"acc_{k}_shot").to_numpy(zero_copy_only=False)
-        ok = has & ~np.isnan(acc)
-        metrics["few_shot"][str(k)] = {
-            "seen": float(acc[ok & seen].mean()) if (ok & seen).any() else None,
-            "unseen": float(acc[ok & ~seen].mean()) if (ok & ~seen).any() else None,
-            "users": int(ok.sum())}
+    metrics["few_shot"] = M.few_shot(
+        {k: per_user.column(f"acc_{k}_shot").to_numpy(zero_copy_only=False) for k in shots}, seen, has)
     truth = synth.read_truth(embeddings)
     if truth is not None:
         joined = per_user.select([C.USER_ID, "seen", "test_pairs"]).join(

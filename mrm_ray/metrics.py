@@ -38,3 +38,17 @@ def report(per_user: dict[str, np.ndarray]) -> dict:
     return {"seen": summarize(acc[has & seen], pairs[has & seen]),
             "unseen": summarize(acc[has & ~seen], pairs[has & ~seen]),
             "overall": summarize(acc[has], pairs[has])}
+
+
+def few_shot(acc_by_k: dict[int, np.ndarray], seen: np.ndarray, has_test: np.ndarray) -> dict:
+    """{"k": {seen, unseen, users}}: mean accuracy after adapting on k pairs.
+
+    acc_by_k[k] is per-user accuracy, NaN for users with fewer than k train pairs.
+    """
+    out = {}
+    for k, acc in acc_by_k.items():
+        ok = has_test & ~np.isnan(acc)
+        out[str(k)] = {"seen": float(acc[ok & seen].mean()) if (ok & seen).any() else None,
+                       "unseen": float(acc[ok & ~seen].mean()) if (ok & ~seen).any() else None,
+                       "users": int(ok.sum())}
+    return out
