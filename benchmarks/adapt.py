@@ -73,7 +73,8 @@ def main() -> None:
 
     n = min(args.loop_users, args.users)
     t0 = time.perf_counter()
-    ref = per_user_loop(head, ch[:n], rj[:n], cfg)
+    with single_thread():  # the loop's tiny ops are fastest on one thread (see README: Troubleshooting)
+        ref = per_user_loop(head, ch[:n], rj[:n], cfg)
     loop_rate = n / (time.perf_counter() - t0)
 
     batched(head, ch, rj, cfg)  # warm-up
@@ -92,6 +93,21 @@ def main() -> None:
     print(f"batched adapt : {rate:10.0f} users/s  ({args.users} users, best of {args.repeats}; "
           f"reads embeddings at {gbps:.1f} GB/s)")
     print(f"speed-up      : {rate / loop_rate:10.1f}x")
+    copy_gbps = memcpy_gbps()
+    print(f"memory copy   : {copy_gbps:10.1f} GB/s (read+write of a 1 GiB tensor); "
+          f"the batched path reads at {100 * gbps / copy_gbps:.0f}% of it")
+
+
+def memcpy_gbps(nbytes: int = 1 << 30) -> float:
+    src = torch.empty(nbytes // 4)
+    src.fill_(1.0)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * nbytes / best / 1e9
 
 
 if __name__ == "__main__":
