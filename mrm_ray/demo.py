@@ -86,9 +86,10 @@ def run(args) -> int:
                    "--candidates", paths["candidates"], "--out", paths["scores"]])
     metrics = storage.read_json(storage.join(paths["run"], "metrics.json"))
     first_user = storage.read_table(storage.join(paths["scores"], "weights"), columns=[C.USER_ID]).column(0)[0].as_py()
+    from mrm_ray.embed import default_cpu_model
     step("export-hf", ["export-hf", "--run", paths["run"], "--user", first_user,
                        "--weights", storage.join(paths["scores"], "weights"),
-                       *(["--backbone", args.model] if args.model else []), "--out", paths["export"]])
+                       "--backbone", args.model or default_cpu_model(), "--out", paths["export"]])
     summary = {"workdir": w, "seconds": round(time.time() - t0, 1), "steps": steps,
                "unseen_accuracy": metrics["unseen"]["accuracy"], "seen_accuracy": metrics["seen"]["accuracy"],
                "shared_bt_unseen_accuracy": metrics.get("baselines", {}).get("shared_bt", {}).get("unseen", {}).get("accuracy"),

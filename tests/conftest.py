@@ -28,7 +28,8 @@ def ray_local(s3_server):
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+        # address="local": always a fresh cluster, even if a `ray start` head runs on this machine
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
                  configure_logging=False, runtime_env={"env_vars": {"RAY_TRAIN_V2_ENABLED": "1"}})
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False

@@ -1,0 +1,281 @@
+"""Convert the published PRISM or Reddit TL;DR preference files into the pairs table.
+
+  mrm prepare prism  --source DIR_OR_URI --out URI   # HannahRoseKirk/prism-alignment
+  mrm prepare reddit --source DIR_OR_URI --out URI   # openai/summarize_from_feedback "comparisons"
+
+PRISM (`conversations.jsonl`, optional `survey.jsonl`): a user is a `user_id`.
+In every turn the participant rated several model replies and the chosen one
+continued the conversation, so each turn gives one pair per rejected reply
+(chosen vs that reply); the prompt is the earlier user turns and chosen
+replies plus this turn's user message.  Users with fewer than 6 conversations
+that yield pairs are dropped (as in LoRe and MRM), and each user's
+conversations are split 50/50 into train/test with a fixed seed.
+
+Reddit TL;DR (OpenAI's JSON-lines batch files `comparisons/batch*.json`, or the
+Hugging Face export of the same columns as Parquet/JSONL): a user is a
+`worker`; pair = `summaries[choice]` vs the other summary; the prompt is the
+post (with its subreddit and title); `train` comparisons become train pairs,
+`valid1`/`valid2`/`validation` ones test pairs; workers present in only one
+split are dropped.  Rows without a Reddit post (the CNN/DM batches) are skipped.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+from collections import defaultdict
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from mrm_ray import contract as C
+from mrm_ray import storage
+from mrm_ray.errors import UserError
+
+log = logging.getLogger(__name__)
+
+PRISM_CONVERSATIONS, PRISM_SURVEY = "conversations.jsonl", "survey.jsonl"
+MIN_CONVERSATIONS = 6
+SPLIT_SEED = 123  # the reference preprocessing's seed
+_TEST_SPLITS = {"valid", "valid1", "valid2", "validation", "test"}
+
+
+# --- reading published files ---------------------------------------------------
+def _read_records(uri: str) -> list[dict]:
+    """All records of one .jsonl/.json (JSON lines) or .parquet file, local or s3://."""
+    fs, path = storage.resolve(uri)
+    try:
+        if path.endswith(".parquet"):
+            return pq.read_table(path, filesystem=fs).to_pylist()
+        with fs.open_input_stream(path) as f:
+            data = f.read().decode("utf-8")
+    except FileNotFoundError:
+        raise UserError(f"no file at {uri}") from None
+    except OSError as e:
+        raise storage.StorageError(f"cannot read {uri}: {str(e).splitlines()[0]}") from None
+    records = []
+    for n, line in enumerate(data.splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise UserError(f"{uri} line {n} is not valid JSON ({e.msg})") from None
+    return records
+
+
+def _field(record: dict, name: str, where: str):
+    """record[name], or a one-line error naming the file, the record and the field."""
+    if not isinstance(record, dict) or record.get(name) is None:
+        raise UserError(f"{where} has no field {name!r}")
+    return record[name]
+
+
+def _data_files(source: str) -> list[str]:
+    """JSON/JSONL/Parquet files under a folder (sorted, recursive) or the one file given."""
+    fs, path = storage.resolve(source)
+    try:
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.File:
+            return [source]
+        if info.type == pafs.FileType.NotFound:
+            raise UserError(f"no dataset files at {source}")
+        found = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    except OSError as e:
+        raise storage.StorageError(f"cannot reach {source}: {str(e).splitlines()[0]}") from None
+    files = sorted(f.path[len(path):].lstrip("/") for f in found if f.type == pafs.FileType.File
+                   and f.base_name.endswith((".json", ".jsonl", ".parquet")) and not f.base_name.startswith((".", "_")))
+    return [storage.join(source, f) for f in files]
+
+
+def _message_list(messages: list[tuple[str, str]]) -> list[dict]:
+    return [{"role": r, "content": c} for r, c in messages]
+
+
+def _pairs_table(rows: list[dict]) -> pa.Table:
+    rows = sorted(rows, key=lambda r: (r[C.USER_ID], r[C.SPLIT], r[C.PAIR_ID]))
+    cols = {c: pa.array([r[c] for r in rows], pa.string()) for c in (C.USER_ID, C.PAIR_ID, C.CONV_ID, C.SPLIT)}
+    cols[C.PROMPT] = pa.array([r[C.PROMPT] for r in rows], C.PROMPT_TYPE)
+    cols[C.CHOSEN] = pa.array([r[C.CHOSEN] for r in rows], pa.string())
+    cols[C.REJECTED] = pa.array([r[C.REJECTED] for r in rows], pa.string())
+    return C.normalize_pairs(pa.table(cols), what="prepared pairs")
+
+
+def _user_rng(seed: int, user_id: str) -> np.random.Generator:
+    """A generator per user: the split of one user does not depend on which other users exist."""
+    digest = hashlib.sha256(f"{seed}:{user_id}".encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+
+
+# --- PRISM -----------------------------------------------------------------------
+def prism_conversation_pairs(record: dict, where: str) -> list[dict]:
+    """Pairs of one PRISM conversation record (no user filter, no split yet)."""
+    user_id = str(_field(record, "user_id", where))
+    conv_id = str(_field(record, "conversation_id", where))
+    turns: dict[int, list[dict]] = defaultdict(list)
+    for k, utt in enumerate(_field(record, "conversation_history", where)):
+        at = f"{where} conversation_history[{k}]"
+        turns[int(_field(utt, "turn", at))].append(utt)
+        if _field(utt, "role", at) == "user":
+            _field(utt, "content", at)
+        else:
+            _field(utt, "if_chosen", at)
+    context: list[tuple[str, str]] = []
+    pairs = []
+    for t in sorted(turns):
+        users = [u for u in turns[t] if u["role"] == "user"]
+        replies = sorted((u for u in turns[t] if u["role"] != "user"), key=lambda u: u.get("within_turn_id") or 0)
+        chosen = [u for u in replies if u["if_chosen"] and str(u.get("content") or "").strip()]
+        if not users or not chosen:
+            break  # the conversation cannot continue coherently without the turn's user message and chosen reply
+        prompt = _message_list(context + [("user", str(users[0]["content"]))])
+        for k, rej in enumerate(u for u in replies if not u["if_chosen"]):
+            if not str(rej.get("content") or "").strip():
+                continue
+            rid = rej.get("within_turn_id")
+            pairs.append({C.USER_ID: user_id, C.CONV_ID: conv_id, C.PROMPT: prompt,
+                          C.PAIR_ID: f"{conv_id}-t{t}-r{rid if rid is not None else k}",
+                          C.CHOSEN: str(chosen[0]["content"]), C.REJECTED: str(rej["content"])})
+        context += [("user", str(users[0]["content"])), ("assistant", str(chosen[0]["content"]))]
+    return pairs
+
+
+def split_by_conversation(pairs: list[dict], seed: int = SPLIT_SEED) -> list[dict]:
+    """Per user, half of the conversations (rounded up) -> train, the rest -> test."""
+    convs: dict[str, list[str]] = defaultdict(list)
+    for p in pairs:
+        if p[C.CONV_ID] not in convs[p[C.USER_ID]]:
+            convs[p[C.USER_ID]].append(p[C.CONV_ID])
+    split_of = {}
+    for user, ids in convs.items():
+        ids = sorted(ids)
+        order = _user_rng(seed, user).permutation(len(ids))
+        n_train = (len(ids) + 1) // 2
+        for rank, i in enumerate(order):
+            split_of[(user, ids[i])] = C.TRAIN if rank < n_train else C.TEST
+    return [{**p, C.SPLIT: split_of[(p[C.USER_ID], p[C.CONV_ID])]} for p in pairs]
+
+
+def prepare_prism(source: str, min_conversations: int = MIN_CONVERSATIONS, seed: int = SPLIT_SEED) -> pa.Table:
+    src = source.rstrip("/")
+    if src.endswith(PRISM_CONVERSATIONS):
+        src = src[: -len(PRISM_CONVERSATIONS)].rstrip("/")
+    conv_uri, survey_uri = storage.join(src, PRISM_CONVERSATIONS), storage.join(src, PRISM_SURVEY)
+    if not storage.exists(conv_uri):
+        raise UserError(f"no {PRISM_CONVERSATIONS} in {source} (expected the files of HannahRoseKirk/prism-alignment)")
+    pairs = []
+    for n, rec in enumerate(_read_records(conv_uri), 1):
+        pairs += prism_conversation_pairs(rec, f"{conv_uri} line {n}")
+    if storage.exists(survey_uri):  # the reference keeps only users who took the survey
+        surveyed = {str(_field(r, "user_id", f"{survey_uri} line {n}"))
+                    for n, r in enumerate(_read_records(survey_uri), 1)}
+        pairs = [p for p in pairs if p[C.USER_ID] in surveyed]
+    n_convs: dict[str, set] = defaultdict(set)
+    for p in pairs:
+        n_convs[p[C.USER_ID]].add(p[C.CONV_ID])
+    keep = {u for u, cs in n_convs.items() if len(cs) >= min_conversations}
+    log.info("PRISM: %d pairs from %d users; keeping %d users with >= %d conversations",
+             len(pairs), len(n_convs), len(keep), min_conversations)
+    pairs = [p for p in pairs if p[C.USER_ID] in keep]
+    if not pairs:
+        raise UserError(f"no PRISM user in {source} has {min_conversations} or more conversations with pairs")
+    return _pairs_table(split_by_conversation(pairs, seed))
+
+
+# --- Reddit TL;DR ------------------------------------------------------------------
+def _split_of(record: dict, file: str) -> str | None:
+    """train / test from the record's `split` (OpenAI files) or else the file name (HF export)."""
+    raw = str(record.get("split") or "").lower()
+    if not raw:
+        name = file.rsplit("/", 1)[-1].lower()
+        raw = "train" if "train" in name else "validation" if "valid" in name else ""
+    if raw == "train":
+        return C.TRAIN
+    return C.TEST if raw in _TEST_SPLITS else None
+
+
+def reddit_prompt(info: dict, post_only: bool = False) -> str:
+    post = str(info.get("post") or "").strip()
+    if post_only or not info.get("title"):
+        return post
+    sub = f"SUBREDDIT: r/{info['subreddit']}\n" if info.get("subreddit") else ""
+    return f"{sub}TITLE: {info['title']}\nPOST: {post}"
+
+
+def reddit_pair(record: dict, file: str, where: str, post_only: bool = False) -> dict | None:
+    """One pair of a comparison record, or None for a row that is not a Reddit comparison."""
+    worker = str(_field(record, "worker", where))
+    info = _field(record, "info", where)
+    summaries = _field(record, "summaries", where)
+    choice = _field(record, "choice", where)
+    split = _split_of(record, file)
+    if split is None:
+        raise UserError(f"{where} has no usable field 'split' (train/valid1/valid2) and its file name names none")
+    if not str(info.get("post") or "").strip():
+        return None  # CNN/DM article comparisons share the files; they have no post
+    if len(summaries) != 2 or int(choice) not in (0, 1):
+        raise UserError(f"{where} field 'summaries' must hold 2 summaries and 'choice' be 0 or 1")
+    texts = [str(_field(s, "text", f"{where} summaries[{k}]")).strip() for k, s in enumerate(summaries)]
+    chosen, rejected = texts[int(choice)], texts[1 - int(choice)]
+    if not chosen or not rejected or chosen == rejected:
+        return None
+    post_id = str(info.get("id") or hashlib.sha1(info["post"].encode()).hexdigest()[:12])
+    digest = hashlib.sha1(f"{chosen}\0{rejected}".encode()).hexdigest()[:10]
+    # conv_id = the post: one worker's comparisons of the same post stay on one side of support/query.
+    return {C.USER_ID: worker, C.PAIR_ID: f"{worker}-{post_id}-{digest}", C.CONV_ID: post_id, C.SPLIT: split,
+            C.PROMPT: _message_list([("user", reddit_prompt(info, post_only))]), C.CHOSEN: chosen, C.REJECTED: rejected}
+
+
+def prepare_reddit(source: str, post_only: bool = False) -> pa.Table:
+    files = _data_files(source)
+    if not files:
+        raise UserError(f"no .json/.jsonl/.parquet comparison files under {source}")
+    pairs: dict[str, dict] = {}
+    skipped = 0
+    for file in files:
+        for n, rec in enumerate(_read_records(file), 1):
+            pair = reddit_pair(rec, file, f"{file} record {n}", post_only)
+            if pair is None:
+                skipped += 1
+            else:
+                pairs.setdefault(pair[C.PAIR_ID], pair)  # a comparison repeated across batches counts once
+    splits: dict[str, set] = defaultdict(set)
+    for p in pairs.values():
+        splits[p[C.USER_ID]].add(p[C.SPLIT])
+    keep = {w for w, s in splits.items() if s == {C.TRAIN, C.TEST}}
+    log.info("Reddit TL;DR: %d pairs from %d workers (%d rows without a Reddit post or with equal summaries "
+             "skipped); keeping %d workers present in both train and validation", len(pairs), len(splits),
+             skipped, len(keep))
+    rows = [p for p in pairs.values() if p[C.USER_ID] in keep]
+    if not rows:
+        raise UserError(f"no worker in {source} has comparisons in both the train and the validation split")
+    return _pairs_table(rows)
+
+
+# --- command line --------------------------------------------------------------------
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dataset", choices=("prism", "reddit"), help="which published dataset the files come from")
+    p.add_argument("--source", required=True,
+                   help="folder (local or s3://) with the published files: PRISM's conversations.jsonl "
+                        "(+ survey.jsonl), or summarize_from_feedback's comparison files (JSON lines or Parquet)")
+    p.add_argument("--out", required=True, help="where the pairs table goes (written atomically)")
+    p.add_argument("--min-conversations", type=int, default=MIN_CONVERSATIONS,
+                   help="PRISM: drop users with fewer conversations that yield pairs")
+    p.add_argument("--seed", type=int, default=SPLIT_SEED, help="PRISM: seed of the per-user train/test split")
+    p.add_argument("--post-only", action="store_true",
+                   help="Reddit: prompt = the post text alone (the MRM reference) instead of subreddit+title+post")
+
+
+def run(args) -> int:
+    if args.dataset == "prism":
+        table = prepare_prism(args.source, args.min_conversations, args.seed)
+    else:
+        table = prepare_reddit(args.source, args.post_only)
+    storage.write_table(table, args.out)
+    users = len(set(table.column(C.USER_ID).to_pylist()))
+    n_test = sum(s == C.TEST for s in table.column(C.SPLIT).to_pylist())
+    log.info("wrote %d pairs (%d train, %d test) of %d users to %s", table.num_rows, table.num_rows - n_test,
+             n_test, users, args.out)
+    return 0
