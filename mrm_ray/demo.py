@@ -46,7 +46,7 @@ def pairwise_accuracy_from_scores(scores_uri: str) -> float:
 
 def add_arguments(p) -> None:
     p.add_argument("--workdir", default="mrm-demo", help="where every table, the run and the report go")
-    p.add_argument("--users", type=int, default=300, help="synthetic users (text population)")
+    p.add_argument("--users", type=int, default=200, help="synthetic users (text population)")
     p.add_argument("--pairs-per-user", type=int, default=16, help="mean preference pairs per user")
     p.add_argument("--workers", type=int, default=2, help="Ray Train workers")
     p.add_argument("--epochs", type=int, help="meta-training epochs (default: the config's)")
@@ -86,15 +86,23 @@ def run(args) -> int:
                    "--candidates", paths["candidates"], "--out", paths["scores"]])
     metrics = storage.read_json(storage.join(paths["run"], "metrics.json"))
     first_user = storage.read_table(storage.join(paths["scores"], "weights"), columns=[C.USER_ID]).column(0)[0].as_py()
-    from mrm_ray.embed import default_cpu_model
-    step("export-hf", ["export-hf", "--run", paths["run"], "--user", first_user,
-                       "--weights", storage.join(paths["scores"], "weights"),
-                       "--backbone", args.model or default_cpu_model(), "--out", paths["export"]])
+    from transformers import AutoConfig
+
+    from mrm_ray.embed import default_cpu_model, default_pooling
+    backbone = args.model or default_cpu_model()
+    if default_pooling(AutoConfig.from_pretrained(backbone), backbone) == "last":
+        step("export-hf", ["export-hf", "--run", paths["run"], "--user", first_user,
+                           "--weights", storage.join(paths["scores"], "weights"),
+                           "--backbone", backbone, "--out", paths["export"]])
+    else:  # a mean-pooled encoder has no sequence-classification head that reads the same embedding
+        log.info("demo: export-hf skipped: %s is an encoder; export needs a decoder reward model "
+                 "(e.g. --model Skywork/Skywork-Reward-V2-Llama-3.1-8B)", backbone)
+        paths.pop("export")
     summary = {"workdir": w, "seconds": round(time.time() - t0, 1), "steps": steps,
                "unseen_accuracy": metrics["unseen"]["accuracy"], "seen_accuracy": metrics["seen"]["accuracy"],
                "shared_bt_unseen_accuracy": metrics.get("baselines", {}).get("shared_bt", {}).get("unseen", {}).get("accuracy"),
                "score_pairwise_accuracy": pairwise_accuracy_from_scores(storage.join(paths["scores"], "scores")),
-               "exported_user": first_user, **paths}
+               "exported_user": first_user if "export" in paths else None, **paths}
     storage.write_json(storage.join(w, "summary.json"), summary)
     print(json.dumps(summary, indent=2))
     return 0
