@@ -56,19 +56,26 @@ class Collective:
         self.on = dist.is_available() and dist.is_initialized()
         self.world = dist.get_world_size() if self.on else 1
         self.rank = dist.get_rank() if self.on else 0
+        # NCCL moves CUDA tensors only: CPU bookkeeping tensors take a trip through the GPU.
+        self.device = torch.device("cuda", torch.cuda.current_device()) if (
+            self.on and dist.get_backend() == "nccl") else None
 
     def all_sum(self, t: torch.Tensor) -> torch.Tensor:
         if self.on:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            x = t if self.device is None else t.to(self.device)
+            dist.all_reduce(x, op=dist.ReduceOp.SUM)
+            if x is not t:
+                t.copy_(x)
         return t
 
     def all_gather_rows(self, t: torch.Tensor) -> torch.Tensor:
         """(world, *t.shape): every worker's equally-shaped tensor."""
         if not self.on:
             return t.unsqueeze(0)
-        out = [torch.empty_like(t) for _ in range(self.world)]
-        dist.all_gather(out, t.contiguous())
-        return torch.stack(out)
+        x = t.contiguous() if self.device is None else t.to(self.device).contiguous()
+        out = [torch.empty_like(x) for _ in range(self.world)]
+        dist.all_gather(out, x)
+        return torch.stack(out).to(t.device)
 
     def gather_ragged(self, t: torch.Tensor, sizes: list[int]) -> torch.Tensor:
         """Concatenate each worker's 1-d tensor (worker r has sizes[r] entries)."""
@@ -113,10 +120,11 @@ def meta_batch_losses(head: MRMHead, shard: tasks.UserPairs, users: np.ndarray, 
     """Query loss (B,) of each user in `users` after adapting on its support pairs."""
     rows, seg = shard.rows(users)
     s, q = support[rows], query[rows]
+    dev = shard.diff.device
     # One (rows, d) x (d, K) product per step: the only time the embeddings are read.
-    dphi = shard.diff[torch.from_numpy(rows)] @ head.weight().T
-    seg_t = torch.from_numpy(seg)
-    s_t, q_t = torch.from_numpy(s), torch.from_numpy(q)
+    dphi = shard.diff[torch.from_numpy(rows).to(dev)] @ head.weight().T
+    seg_t = torch.from_numpy(seg).to(dev)
+    s_t, q_t = torch.from_numpy(s).to(dev), torch.from_numpy(q).to(dev)
     theta = adapt(head.theta0, dphi[s_t], seg_t[s_t], len(users), cfg.inner, inner_lr(head))
     return task_losses(theta, dphi[q_t], seg_t[q_t])
 
@@ -137,9 +145,10 @@ def adapt_and_score(head: MRMHead, shard: tasks.UserPairs, support: np.ndarray, 
     for lo in range(0, shard.n_users, users_per_chunk):
         users = np.arange(lo, min(lo + users_per_chunk, shard.n_users))
         rows, seg = shard.rows(users)
-        dphi = shard.diff[torch.from_numpy(rows)] @ w.T
-        seg_t = torch.from_numpy(seg)
-        s_t, q_t = torch.from_numpy(support[rows]), torch.from_numpy(query[rows])
+        dev = shard.diff.device
+        dphi = shard.diff[torch.from_numpy(rows).to(dev)] @ w.T
+        seg_t = torch.from_numpy(seg).to(dev)
+        s_t, q_t = torch.from_numpy(support[rows]).to(dev), torch.from_numpy(query[rows]).to(dev)
         theta = adapt(head.theta0.detach(), dphi[s_t], seg_t[s_t], len(users), inner, lr)
         c, n = per_user_correct(mix(theta.index_select(0, seg_t[q_t]), dphi[q_t]), seg_t[q_t], len(users))
         thetas.append(theta.detach())
@@ -157,7 +166,7 @@ def validate(head: MRMHead, shard: tasks.UserPairs, val: np.ndarray, cfg: TrainC
         return float("nan")
     _, c, n = adapt_and_score(head, shard, ~val, val, cfg, steps=cfg.eval_steps)
     has = n > 0
-    acc = (c[has] / n[has]).sum() if has.any() else torch.zeros((), dtype=torch.float64)
+    acc = (c[has] / n[has]).sum() if has.any() else c.new_zeros(())
     sums = comm.all_sum(torch.stack([acc, has.sum().to(torch.float64)]))
     return float(sums[0] / sums[1]) if sums[1] > 0 else float("nan")
 
@@ -212,8 +221,10 @@ def meta_train(cfg: TrainConfig, head: MRMHead, shard: tasks.UserPairs, n_global
             opt.zero_grad(set_to_none=False)
             if len(users):
                 (coef[lo:lo + len(users)] * losses).sum().backward()
-            for p in params:
-                comm.all_sum(p.grad)
+            if comm.on:  # one all-reduce for all meta-gradients: latency, not bytes, bounds a step
+                flat = comm.all_sum(torch.cat([p.grad.reshape(-1) for p in params]))
+                for p, g in zip(params, flat.split([p.numel() for p in params])):
+                    p.grad.copy_(g.view_as(p))
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import yaml
 
 from mrm_ray import config as config_mod
 from mrm_ray import contract as C
@@ -103,18 +104,29 @@ def train_local(cfg: config_mod.TrainConfig, uri: str, run_uri: str, seen_users:
     return head, meta_train(cfg, head, shard, shard.n_users, state=state, on_epoch_end=checkpoint)
 
 
+# Where a run executes, not what it computes (1 or N workers take the same meta-steps):
+# a resumed run may change them, e.g. continue on fewer workers or with cpus_per_worker=0.5.
+PLACEMENT_KEYS = ("num_workers", "use_gpu", "cpus_per_worker", "max_failures")
+
+
 def resolve_config(args, run_uri: str) -> tuple[config_mod.TrainConfig, bool]:
     """(config, resuming).  A run directory that has a config resumes with it."""
     cfg_uri = storage.join(run_uri, runs.CONFIG)
     if storage.exists(cfg_uri):
-        if args.config or args.overrides or args.preset != "default":
-            saved = config_mod.from_dict(storage.read_json(cfg_uri))
-            asked = build_config(args)
+        saved = config_mod.from_dict(storage.read_json(cfg_uri))
+        asked = build_config(args)
+        given = set(config_mod.parse_overrides(args.overrides)) | ({"num_workers"} if args.workers is not None else set())
+        if args.config:
+            given |= set(yaml.safe_load(storage.read_bytes(args.config).decode()) or {})
+        if args.config or args.preset != "default" or given - set(PLACEMENT_KEYS):
             asked.model.input_scale, asked.model.auto_input_scale = saved.model.input_scale, saved.model.auto_input_scale
-            if config_mod.to_dict(asked) != config_mod.to_dict(saved):
+            a, b = config_mod.to_dict(asked), config_mod.to_dict(saved)
+            if any(a[k] != b[k] for k in a if k not in PLACEMENT_KEYS):
                 raise UserError(f"{run_uri} holds a run with a different config; resume without "
                                 f"--config/overrides or pick a new --out")
-        return config_mod.from_dict(storage.read_json(cfg_uri)), True
+        for key in given & set(PLACEMENT_KEYS):
+            setattr(saved, key, getattr(asked, key))
+        return saved, True
     return build_config(args), False
 
 
