@@ -40,7 +40,7 @@ def test_whole_chain_on_s3(ray_local, s3_bucket, tmp_path):
         "--out", f"{b}/scores")
 
     for name in ("pairs/_SUCCESS", "emb/_SUCCESS", "run/model.safetensors", "run/config.json",
-                 "run/metrics.json", "run/per_user.parquet/_SUCCESS", "scores/scores/_SUCCESS"):
+                 "run/metrics.json", "run/per_user.parquet/_SUCCESS", "scores/_SUCCESS"):
         assert storage.exists(f"{b}/{name}"), name
     metrics = storage.read_json(f"{b}/run/metrics.json")
     assert metrics["overall"]["users"] == len(users)
