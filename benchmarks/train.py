@@ -67,19 +67,8 @@ def meta_batches(shard: tasks.UserPairs, cfg, n_global: int, comm: meta.Collecti
 
 # --- the two ways of taking a meta-step ---------------------------------------------
 def batched_step(head, opt, shard, users, sizes, support, query, cfg, comm: meta.Collective) -> int:
-    """One meta-step as mrm_ray.meta.meta_train takes it (sizes: every worker's share of the meta-batch,
-    gathered once per epoch); returns the global meta-batch size."""
-    losses = meta.meta_batch_losses(head, shard, users, support, query, cfg) if len(users) else torch.zeros(0)
-    global_losses = comm.gather_ragged(losses.detach(), sizes)
-    _, coef = rpo.coefficients(global_losses, cfg.rpo)
-    lo = sum(sizes[:comm.rank])
-    opt.zero_grad(set_to_none=False)
-    if len(users):
-        (coef[lo:lo + len(users)] * losses).sum().backward()
-    for p in head.parameters():
-        comm.all_sum(p.grad)
-    torch.nn.utils.clip_grad_norm_(list(head.parameters()), cfg.grad_clip)
-    opt.step()
+    """One meta-step exactly as mrm_ray.meta.meta_train takes it; returns the global meta-batch size."""
+    meta.meta_step(head, opt, shard, users, sizes, support, query, cfg, comm)
     return sum(sizes)
 
 

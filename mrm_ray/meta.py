@@ -160,6 +160,34 @@ def adapt_and_score(head: MRMHead, shard: tasks.UserPairs, support: np.ndarray, 
     return torch.cat(thetas), torch.cat(correct), torch.cat(total)
 
 
+def meta_step(head: MRMHead, opt: torch.optim.Optimizer, shard: tasks.UserPairs, users: np.ndarray,
+              sizes: list[int], support: np.ndarray, query: np.ndarray, cfg: TrainConfig,
+              comm: Collective) -> tuple[torch.Tensor, torch.Tensor]:
+    """One meta-step on this worker's `users` of a global meta-batch of sum(sizes) users.
+
+    sizes[r] is worker r's share.  Returns (objective J, the global query losses).
+    """
+    params = list(head.parameters())
+    for p in params:  # a worker with no users in this meta-batch still joins the all-reduce, with zeros
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    losses = meta_batch_losses(head, shard, users, support, query, cfg) if len(users) else torch.zeros(0)
+    global_losses = comm.gather_ragged(losses.detach(), sizes)
+    j, coef = rpo.coefficients(global_losses, cfg.rpo)
+    lo = sum(sizes[: comm.rank])
+    opt.zero_grad(set_to_none=False)
+    if len(users):
+        (coef[lo:lo + len(users)] * losses).sum().backward()
+    if comm.on:  # one all-reduce for all meta-gradients: latency, not bytes, bounds a step
+        flat = comm.all_sum(torch.cat([p.grad.reshape(-1) for p in params]))
+        for p, g in zip(params, flat.split([p.numel() for p in params])):
+            p.grad.copy_(g.view_as(p))
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    opt.step()
+    return j, global_losses
+
+
 def validate(head: MRMHead, shard: tasks.UserPairs, val: np.ndarray, cfg: TrainConfig, comm: Collective) -> float:
     """Mean per-user accuracy on the validation carve (over all workers' users)."""
     if not val.any() and comm.world == 1:
@@ -193,9 +221,6 @@ def meta_train(cfg: TrainConfig, head: MRMHead, shard: tasks.UserPairs, n_global
         sched.load_state_dict(state.scheduler)
     user_hash = tasks.hash_ids(shard.user_ids, cfg.seed)
     val = tasks.validation_mask(shard, cfg.val_ratio, cfg.seed)
-    params = [p for p in head.parameters()]
-    for p in params:  # a worker whose users miss a meta-batch still joins the all-reduce with zeros
-        p.grad = torch.zeros_like(p)
 
     for epoch in range(state.epoch, cfg.epochs):
         t0 = time.time()
@@ -211,23 +236,7 @@ def meta_train(cfg: TrainConfig, head: MRMHead, shard: tasks.UserPairs, n_global
             if sum(sizes) == 0:
                 continue
             users = order[bounds[t]:bounds[t + 1]]
-            if len(users):
-                losses = meta_batch_losses(head, shard, users, support, query, cfg)
-            else:
-                losses = torch.zeros(0)
-            global_losses = comm.gather_ragged(losses.detach(), sizes)
-            j, coef = rpo.coefficients(global_losses, cfg.rpo)
-            lo = sum(sizes[: comm.rank])
-            opt.zero_grad(set_to_none=False)
-            if len(users):
-                (coef[lo:lo + len(users)] * losses).sum().backward()
-            if comm.on:  # one all-reduce for all meta-gradients: latency, not bytes, bounds a step
-                flat = comm.all_sum(torch.cat([p.grad.reshape(-1) for p in params]))
-                for p, g in zip(params, flat.split([p.numel() for p in params])):
-                    p.grad.copy_(g.view_as(p))
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
+            j, global_losses = meta_step(head, opt, shard, users, sizes, support, query, cfg, comm)
             sched.step()
             objective_sum += float(j)
             loss_sum += float(global_losses.sum())
