@@ -86,11 +86,9 @@ def run(args) -> int:
                    "--candidates", paths["candidates"], "--out", paths["scores"]])
     metrics = storage.read_json(storage.join(paths["run"], "metrics.json"))
     first_user = storage.read_table(storage.join(paths["scores"], "weights"), columns=[C.USER_ID]).column(0)[0].as_py()
-    from transformers import AutoConfig
-
-    from mrm_ray.embed import default_cpu_model, default_pooling
+    from mrm_ray.embed import default_cpu_model, default_pooling, load_config
     backbone = args.model or default_cpu_model()
-    if default_pooling(AutoConfig.from_pretrained(backbone), backbone) == "last":
+    if default_pooling(load_config(backbone), backbone) == "last":
         step("export-hf", ["export-hf", "--run", paths["run"], "--user", first_user,
                            "--weights", storage.join(paths["scores"], "weights"),
                            "--backbone", backbone, "--out", paths["export"]])

@@ -73,6 +73,17 @@ def _load_error(name_or_path, e: Exception) -> UserError:
     return UserError(f"cannot load model {name_or_path}: {first}")
 
 
+def load_config(name_or_path: str):
+    """The backbone's transformers config; a missing or unreadable model is a one-line error."""
+    from transformers import AutoConfig
+
+    _check_location(name_or_path)
+    try:
+        return AutoConfig.from_pretrained(os.path.expanduser(str(name_or_path)))
+    except (OSError, ValueError) as e:
+        raise _load_error(name_or_path, e) from None
+
+
 def load_tokenizer(name_or_path: str):
     from transformers import AutoTokenizer
 
@@ -92,15 +103,12 @@ def load_backbone(name_or_path: str, device=None, dtype: str = "auto", attn_impl
     on GPU when the flash_attn package imports, else PyTorch SDPA.
     """
     import torch
-    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
+    from transformers import AutoModel, AutoModelForSequenceClassification
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tokenizer = load_tokenizer(name_or_path)
     path = os.path.expanduser(str(name_or_path))
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise _load_error(name_or_path, e) from None
+    config = load_config(name_or_path)
     if dtype == "auto":
         torch_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     else:
@@ -421,7 +429,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     import ray
-    from transformers import AutoConfig
 
     # Everything a user can get wrong is checked here, once, before any Ray work starts.
     files = storage.parquet_files(args.pairs)  # one-line StorageError when missing or unreachable
@@ -440,10 +447,7 @@ def run(args) -> int:
     actors = args.actors or (max(1, int(cluster_gpus // num_gpus)) if num_gpus else 1)
     model = args.model if args.model != "auto" else DEFAULT_GPU_MODEL if num_gpus else default_cpu_model()
     tokenizer = load_tokenizer(model)
-    try:
-        config = AutoConfig.from_pretrained(os.path.expanduser(model))
-    except (OSError, ValueError) as e:
-        raise _load_error(model, e) from None
+    config = load_config(model)
     pooling = default_pooling(config, model) if args.pooling == "auto" else args.pooling
     is_rm = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
     log.info("embedding %d pairs with %s (pooling=%s, reward scores=%s, chat template=%s) on up to %d %s "

@@ -66,17 +66,14 @@ def user_weights(rm: api.RewardModel, user_id: str, weights: str | None = None, 
 
 def build_model(backbone: str, vector: torch.Tensor, dtype: str = "auto"):
     """(model, tokenizer): `backbone` as a one-logit sequence classifier whose score head is `vector`."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
-    from mrm_ray.embed import ENCODER_TYPES, _load_error, load_tokenizer
+    from mrm_ray.embed import ENCODER_TYPES, _load_error, load_config, load_tokenizer
 
     tokenizer = load_tokenizer(backbone)
     path = os.path.expanduser(str(backbone))
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise _load_error(backbone, e) from None
+    config = load_config(backbone)
     if config.model_type in ENCODER_TYPES:
         raise UserError(f"backbone {backbone} is an encoder ({config.model_type}); export-hf needs a decoder whose "
                         "sequence-classification head reads the last token's hidden state (Llama, Mistral, Qwen, ...)")

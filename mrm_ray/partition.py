@@ -12,7 +12,6 @@ import math
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mrm_ray import contract as C
@@ -61,6 +60,3 @@ def partition_by_user(uri: str, out_dir: str, n_parts: int, columns: list[str] |
             pq.write_table(schema.empty_table(), paths[i], filesystem=fs)
     return [storage.join(out_dir, f"part-{i:05d}.parquet") for i in range(n_parts)]
 
-
-def users_filter(user_ids) -> pc.Expression:
-    return pc.field(C.USER_ID).isin(pa.array(list(user_ids), pa.string()))

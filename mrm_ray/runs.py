@@ -24,7 +24,7 @@ from safetensors.torch import save as st_save
 from mrm_ray import config as config_mod
 from mrm_ray import storage
 from mrm_ray.errors import UserError
-from mrm_ray.model import ModelConfig, MRMHead
+from mrm_ray.model import MRMHead
 
 FORMAT_VERSION = 1
 CONFIG, MODEL_JSON, MODEL, USERS, HISTORY, METRICS = (

@@ -4,7 +4,6 @@ synth -> train --local -> evaluate on 2,000 synthetic users: MRM beats a shared
 Bradley-Terry reward on unseen users, and the report carries both and the oracle.
 """
 import json
-import os
 import subprocess
 import sys
 
