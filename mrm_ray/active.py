@@ -98,13 +98,14 @@ def onboard(head: MRMHead, cfg, pool_diff: torch.Tensor, pool_seg: torch.Tensor,
         raise ValueError(f"unknown strategy {strategy!r}; known: {', '.join(STRATEGIES)}")
     inner = cfg if isinstance(cfg, InnerConfig) else cfg.inner
     n_steps = steps if steps is not None else (cfg.eval_steps if hasattr(cfg, "eval_steps") else inner.steps)
-    inner = InnerConfig(**{**inner.__dict__, "steps": n_steps})
+    inner = inner.for_evaluation(n_steps)
     pool_seg = torch.as_tensor(pool_seg, dtype=torch.long)
     n_users = int(pool_seg.max()) + 1 if n_users is None else n_users
     ask = _answer_fn(answers)
     w = head.weight().detach()
     theta0 = head.theta0.detach()
-    lr = None if head.log_inner_lr is None else head.log_inner_lr.detach().exp()
+    args = {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in head.inner_args().items()}
+    weights = args["weights"]
     dphi = pool_diff.to(w.dtype) @ w.T                                     # (N, K)
     has_test = test_diff is not None and len(test_diff) > 0
     if has_test:
@@ -121,12 +122,12 @@ def onboard(head: MRMHead, cfg, pool_diff: torch.Tensor, pool_seg: torch.Tensor,
     def accuracy(th):
         if not has_test:
             return np.full(n_users, np.nan)
-        c, n = per_user_correct(mix(th.index_select(0, test_seg), dphi_test), test_seg, n_users)
+        c, n = per_user_correct(mix(th.index_select(0, test_seg), dphi_test, weights), test_seg, n_users)
         return np.where(n_test.numpy() > 0, (c / n.clamp(min=1)).numpy(), np.nan)
 
     accs.append(accuracy(theta))
     for _ in range(n_questions):
-        margin = mix(theta.index_select(0, pool_seg), dphi)
+        margin = mix(theta.index_select(0, pool_seg), dphi, weights)
         if strategy == "uncertainty":
             weight = None
             if fisher:
@@ -146,7 +147,7 @@ def onboard(head: MRMHead, cfg, pool_diff: torch.Tensor, pool_seg: torch.Tensor,
             asked[rows] = True
         picks.append(pick)
         sup = asked.nonzero().squeeze(1)
-        theta = adapt(theta0, dphi[sup] * sign[sup].unsqueeze(1), pool_seg[sup], n_users, inner, lr)
+        theta = adapt(theta0, dphi[sup] * sign[sup].unsqueeze(1), pool_seg[sup], n_users, inner, **args)
         accs.append(accuracy(theta))
     per_user = np.stack(accs, axis=1)
     valid = ~np.isnan(per_user[:, 0])

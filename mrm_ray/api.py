@@ -65,7 +65,7 @@ def load_backbone(name_or_path: str, device=None, **kwargs):
 
 @dataclass(frozen=True)
 class UserReward:
-    """One user's reward model: r_u(e) = v_u . e, with v_u = s W^T softmax(theta)."""
+    """One user's reward model: r_u(e) = v_u . e, with v_u = s W^T mixing(theta) (softmax or linear; mrm_ray.model)."""
 
     theta: torch.Tensor      # (K,) adapted logits over the K base rewards
     vector: torch.Tensor     # (d,) v_u

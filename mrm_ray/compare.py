@@ -9,8 +9,10 @@ seen_ratio of the config), the same train-pair caps and the same metrics:
   shared BT   one Bradley-Terry reward for everyone, fit on the seen users' train pairs
   LoRe        jointly learned basis + per-user softmax weights; new users by 100 Adam steps from a neutral start
   PReF        SVD-initialised logistic matrix factorization; new users by regularized maximum likelihood
-  MRM         meta-learned basis and theta_0 (rpo.enabled=false)
+  MRM ref.    MRM with the reference's settings (--reference-preset, default reddit): the paper's MRM
+  MRM         our default (or --preset/--config) without the robust objective (rpo.enabled=false)
   MRM+RPO     the same with the robust objective (the config's rpo section, enabled)
+  MRM 0.1.0   0.1.0's default (the v0.1 preset; only with --methods ... mrm_v01)
   oracle      the true reward of each user (synthetic populations only): a ceiling
 Every method adapts every user (seen and unseen) on its train pairs and is scored
 on its test pairs; the few-shot columns adapt on 1, 2, 4, 8, 16 train pairs.
@@ -52,9 +54,16 @@ log = logging.getLogger(__name__)
 SHOTS = (1, 2, 4, 8, 16)
 BT_MAX_PAIRS = 500_000
 # (key, label) in table order; the key prefixes the per-user columns.
-METHODS = (("shared_bt", "shared BT"), ("lore", "LoRe"), ("pref", "PReF"), ("mrm", "MRM (no RPO)"),
-           ("mrm_rpo", "MRM + RPO"), ("oracle", "oracle (truth)"))
-MRM_VARIANTS = {"mrm": "rpo.enabled=false", "mrm_rpo": "rpo.enabled=true"}
+METHODS = (("shared_bt", "shared BT"), ("lore", "LoRe"), ("pref", "PReF"), ("mrm_ref", "MRM, reference preset"),
+           ("mrm_v01", "MRM, 0.1.0 default"), ("mrm", "MRM (no RPO)"), ("mrm_rpo", "MRM + RPO"),
+           ("oracle", "oracle (truth)"))
+DEFAULT_METHODS = ("shared_bt", "lore", "pref", "mrm_ref", "mrm", "mrm_rpo")
+BASELINES = ("shared_bt", "lore", "pref")
+# MRM variants: key -> (preset: None = the command's --preset/--config, overrides)
+MRM_VARIANTS = {"mrm_ref": ("reference", ()), "mrm_v01": ("v0.1", ()),
+                "mrm": (None, ("rpo.enabled=false",)), "mrm_rpo": (None, ("rpo.enabled=true",))}
+# The keys that fix the seen/unseen split and the caps: every variant shares them.
+SPLIT_KEYS = ("seed", "seen_ratio", "min_train_pairs")
 ACTIVE_STRATEGIES = ("uncertainty", "margin", "random")
 RANDOM_REPEATS = 5
 
@@ -64,8 +73,17 @@ def train_and_evaluate_mrm(key: str, args, embeddings: str, out: str) -> tuple[r
     """Train (or resume) one MRM variant into DIR/runs/<key>, evaluate it; (run, per-user table, metrics)."""
     from mrm_ray import evaluate, train
     run_dir = storage.join(out, "runs", key)
-    overrides = list(args.overrides) + ([f"epochs={args.epochs}"] if args.epochs else []) + [MRM_VARIANTS[key]]
-    targs = argparse.Namespace(embeddings=embeddings, out=run_dir, config=args.config, preset=args.preset,
+    preset, extra = MRM_VARIANTS[key]
+    if preset is None:   # the configuration under test
+        overrides = list(args.overrides) + ([f"epochs={args.epochs}"] if args.epochs else []) + list(extra)
+        config, preset = args.config, args.preset
+    else:                # a fixed recipe: only the split is shared with the others
+        preset = args.reference_preset if preset == "reference" else preset
+        overrides = [o for o in args.overrides if o.split("=", 1)[0].strip() in SPLIT_KEYS] + list(extra)
+        if key == "mrm_ref" and args.reference_epochs:
+            overrides.append(f"epochs={args.reference_epochs}")
+        config = None
+    targs = argparse.Namespace(embeddings=embeddings, out=run_dir, config=config, preset=preset,
                                workers=None, local=not args.ray, overrides=overrides)
     t0 = time.time()
     try:
@@ -92,23 +110,16 @@ def load_population(embeddings: str) -> tasks.UserPairs:
     return shard
 
 
-def support_rows(shard: tasks.UserPairs, seen: np.ndarray, cfg: config_mod.TrainConfig) -> np.ndarray:
-    """The train rows each user adapts on, with the seen/unseen caps (as `mrm evaluate`)."""
-    train = ~shard.is_test
-    seen_rows = seen[shard.pair_user()]
-    return np.where(seen_rows, tasks.cap_pairs(shard, cfg.seen_train_limit, cfg.seed, eligible=train),
-                    tasks.cap_pairs(shard, cfg.unseen_train_limit, cfg.seed, eligible=train))
-
-
 def _per_user_accuracy(margin: torch.Tensor, seg: torch.Tensor, n_users: int) -> np.ndarray:
     c, n = M.per_user_correct(margin, seg, n_users)
     return np.where(n.numpy() > 0, (c / n.clamp(min=1)).numpy(), np.nan)
 
 
-def score_baselines(shard: tasks.UserPairs, seen: np.ndarray, cfg: config_mod.TrainConfig) -> tuple[dict, dict]:
-    """Fit shared BT, LoRe and PReF on the seen users; per-user accuracy columns of every user."""
+def score_baselines(shard: tasks.UserPairs, seen: np.ndarray, cfg: config_mod.TrainConfig,
+                    which=BASELINES) -> tuple[dict, dict]:
+    """Fit shared BT, LoRe and PReF (those in `which`) on the seen users; per-user accuracy columns of every user."""
     pu = shard.pair_user()
-    support, test = support_rows(shard, seen, cfg), shard.is_test
+    support, test = tasks.adaptation_rows(shard, seen, cfg), shard.is_test
     seen_shard = shard.select(support & seen[pu], keep_empty_users=False)
     if seen_shard.n_users == 0:
         raise UserError("no seen user has train pairs: nothing to fit the baselines on")
@@ -129,12 +140,14 @@ def score_baselines(shard: tasks.UserPairs, seen: np.ndarray, cfg: config_mod.Tr
     info["shared_bt"] = {"seconds": time.time() - t0}
     log.info("shared BT: fit on %d pairs in %.1fs", min(len(seen_shard.diff), BT_MAX_PAIRS), time.time() - t0)
 
-    k_heads = cfg.model.n_heads
+    k_heads = max(2, cfg.model.n_heads)  # K of the run under test; at least 2, or they are one shared reward
     fits = (("lore", lambda: baselines.fit_lore(seen_shard.diff, seen_seg, seen_shard.n_users, val,
                                                 baselines.LoReConfig(n_heads=k_heads, seed=cfg.seed))),
             ("pref", lambda: baselines.fit_pref(seen_shard.diff, seen_seg, seen_shard.n_users, val,
                                                 baselines.PReFConfig(n_heads=k_heads))))
     for key, fit in fits:
+        if key not in which:
+            continue
         t0 = time.time()
         model = fit()
         sup = torch.from_numpy(support)
@@ -155,7 +168,7 @@ def score_baselines(shard: tasks.UserPairs, seen: np.ndarray, cfg: config_mod.Tr
 def active_curves(run: runs.Run, shard: tasks.UserPairs, seen: np.ndarray, n_questions: int) -> dict:
     """Accuracy after 0..n_questions answers, per strategy, on unseen users with >= 2 n_questions train pairs."""
     pu = shard.pair_user()
-    support = support_rows(shard, seen, run.cfg)
+    support = tasks.adaptation_rows(shard, seen, run.cfg)
     n_pool = np.bincount(pu, weights=support, minlength=shard.n_users)
     n_test = np.bincount(pu, weights=shard.is_test, minlength=shard.n_users)
     users = np.flatnonzero(~seen & (n_pool >= 2 * n_questions) & (n_test > 0))
@@ -194,15 +207,6 @@ def summarize_methods(per_user: pa.Table, keys) -> dict:
     return out
 
 
-def _paired(ref: np.ndarray, other: np.ndarray) -> dict | None:
-    d = ref - other
-    d = d[~np.isnan(d)]
-    if len(d) == 0:
-        return None
-    half = 1.96 * d.std(ddof=1) / math.sqrt(len(d)) if len(d) > 1 else float("nan")
-    return {"mean": float(d.mean()), "ci95": [float(d.mean() - half), float(d.mean() + half)], "users": int(len(d))}
-
-
 def paired_differences(per_user: pa.Table, keys, reference: str = "mrm_rpo") -> dict:
     """Per unseen user, reference minus method accuracy (all train pairs, and 1 support pair):
     mean with a normal 95% interval.  Paired, so the users' own difficulty cancels."""
@@ -215,8 +219,8 @@ def paired_differences(per_user: pa.Table, keys, reference: str = "mrm_rpo") -> 
     for key in keys:
         if key == reference:
             continue
-        diffs = {"all": _paired(col(reference, "accuracy"), col(key, "accuracy")),
-                 "1_shot": _paired(col(reference, "acc_1_shot"), col(key, "acc_1_shot"))}
+        diffs = {"all": M.paired(col(reference, "accuracy"), col(key, "accuracy")),
+                 "1_shot": M.paired(col(reference, "acc_1_shot"), col(key, "acc_1_shot"))}
         if diffs["all"] is not None:
             out[key] = diffs
     return out
@@ -288,8 +292,10 @@ def write_plots(out: str, report: dict) -> None:
 def compare(args) -> dict:
     """Train/fit every method, score them on one split, write the report into args.out."""
     t_start, out = time.time(), args.out
+    methods = list(getattr(args, "methods", None) or DEFAULT_METHODS)
+    variants = [k for k in MRM_VARIANTS if k in methods]
     results = {}
-    for key in MRM_VARIANTS:
+    for key in variants:
         log.info("compare: training and evaluating %s", key)
         results[key] = train_and_evaluate_mrm(key, args, args.embeddings, out)
     run = results["mrm_rpo"][0]
@@ -301,18 +307,18 @@ def compare(args) -> dict:
     seen = pc.is_in(pa.array(shard.user_ids.astype(str)), pa.array(seen_ids.to_numpy(zero_copy_only=False).astype(str)))
     seen = seen.to_numpy(zero_copy_only=False)
     with single_thread():
-        cols, info = score_baselines(shard, seen, cfg)
+        cols, info = score_baselines(shard, seen, cfg, [k for k in BASELINES if k in methods])
     pu, n = shard.pair_user(), shard.n_users
     per_user = pa.table({C.USER_ID: shard.user_ids.astype(str), "seen": seen,
                          "train_pairs": np.bincount(pu, weights=~shard.is_test, minlength=n).astype(np.int64),
                          "test_pairs": np.bincount(pu, weights=shard.is_test, minlength=n).astype(np.int64),
                          **cols})
-    for key in MRM_VARIANTS:  # the evaluate stage's per-user results, joined by user id
+    for key in variants:  # the evaluate stage's per-user results, joined by user id
         pt = results[key][1]
         keep = [C.USER_ID, "accuracy"] + [f"acc_{k}_shot" for k in SHOTS]
         renamed = pt.select(keep).rename_columns([C.USER_ID] + [f"{key}_{c}" for c in keep[1:]])
         per_user = per_user.join(renamed, C.USER_ID)
-    keys = [k for k, _ in METHODS if k != "oracle"]
+    keys = [k for k, _ in METHODS if k in methods]
     truth = synth.read_truth(args.embeddings)
     if truth is not None:
         per_user = per_user.join(truth.select([C.USER_ID, "oracle_test_accuracy"]), C.USER_ID)
@@ -337,7 +343,7 @@ def compare(args) -> dict:
         "paired": paired_differences(per_user, [k for k in keys if k != "oracle"]),
         "active": act,
         "baselines": info,
-        "runs": {key: storage.join(out, "runs", key) for key in MRM_VARIANTS},
+        "runs": {key: storage.join(out, "runs", key) for key in variants},
         "config": config_mod.to_dict(cfg),
     }
     storage.write_table(per_user, storage.join(out, "per_user.parquet"))
@@ -357,6 +363,13 @@ def add_arguments(p) -> None:
     p.add_argument("--epochs", type=int, help="MRM meta-training epochs (same as epochs=N)")
     p.add_argument("--questions", type=int, default=8, help="active onboarding: questions per unseen user")
     p.add_argument("--ray", action="store_true", help="train the MRM variants with Ray Train instead of in-process")
+    p.add_argument("--methods", type=lambda s: [m.strip() for m in s.split(",") if m.strip()],
+                   default=list(DEFAULT_METHODS),
+                   help="comma-separated methods, of: " + ", ".join(k for k, _ in METHODS if k != "oracle")
+                        + " (oracle is added for synthetic populations; mrm_rpo is always run)")
+    p.add_argument("--reference-preset", default="reddit", choices=("prism", "reddit"),
+                   help="the reference's recipe for the mrm_ref method")
+    p.add_argument("--reference-epochs", type=int, help="epochs of mrm_ref (default: the preset's 200)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="config overrides for both MRM variants, e.g. inner.lr=2.0 model.n_heads=3")
 
@@ -368,6 +381,14 @@ def run(args) -> int:
         raise UserError("--questions must be >= 0")
     if any(o.split("=", 1)[0].strip() == "rpo.enabled" for o in args.overrides):
         raise UserError("rpo.enabled is set by compare itself (one variant without RPO, one with)")
+    known = {k for k, _ in METHODS if k != "oracle"}
+    unknown = [m for m in args.methods if m not in known]
+    if unknown:
+        raise UserError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    if "mrm_rpo" not in args.methods:
+        args.methods = list(args.methods) + ["mrm_rpo"]
+    if args.reference_epochs is not None and args.reference_epochs < 1:
+        raise UserError("--reference-epochs must be >= 1")
     report = compare(args)
     print(markdown(report))
     print(f"report: {storage.join(args.out, 'comparison.md')} ({report['seconds']:.0f}s)")

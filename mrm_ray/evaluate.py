@@ -46,16 +46,6 @@ def _load_part(uri: str) -> tasks.UserPairs | None:
     return tasks.user_pairs_from_table(C.normalize_embeddings(table))
 
 
-def _support_masks(shard: tasks.UserPairs, seen: np.ndarray, run: runs.Run) -> np.ndarray:
-    """Train rows each user adapts on (per-split caps applied)."""
-    cfg, train = run.cfg, ~shard.is_test
-    pu = shard.pair_user()
-    seen_rows = seen[pu]
-    cap_seen = tasks.cap_pairs(shard, cfg.seen_train_limit, cfg.seed, eligible=train)
-    cap_unseen = tasks.cap_pairs(shard, cfg.unseen_train_limit, cfg.seed, eligible=train)
-    return np.where(seen_rows, cap_seen, cap_unseen)
-
-
 def evaluate(run: runs.Run, embeddings: str, out: str, shots=SHOTS, baseline: bool = True) -> dict:
     users = run.users()
     seen_ids = users.filter(pc.and_(users.column("seen"), pc.invert(users.column("skipped")))).column("user_id")
@@ -72,7 +62,7 @@ def evaluate(run: runs.Run, embeddings: str, out: str, shots=SHOTS, baseline: bo
                 if shard is None or n >= BT_MAX_PAIRS:
                     continue
                 seen = pc.is_in(pa.array(shard.user_ids.astype(str)), seen_set).to_numpy(zero_copy_only=False)
-                rows = _support_masks(shard, seen, run) & seen[shard.pair_user()]
+                rows = tasks.adaptation_rows(shard, seen, run.cfg) & seen[shard.pair_user()]
                 diffs.append(shard.diff[torch.from_numpy(rows)][: BT_MAX_PAIRS - n])
                 n += len(diffs[-1])
             v_bt = fit_shared_bt(torch.cat(diffs)) if n else None
@@ -88,14 +78,17 @@ def _evaluate_part(run, uri, seen_set, shots, v_bt) -> pa.Table | None:
         return None
     cfg, head = run.cfg, run.head
     seen = pc.is_in(pa.array(shard.user_ids.astype(str)), seen_set).to_numpy(zero_copy_only=False)
-    support = _support_masks(shard, seen, run)
+    support = tasks.adaptation_rows(shard, seen, run.cfg)
     test = shard.is_test
-    theta, correct, total = adapt_and_score(head, shard, support, test, cfg, steps=cfg.eval_steps)
+    theta, correct, total, _ = adapt_and_score(head, shard, support, test, cfg, steps=cfg.eval_steps)
+    # the population prior alone (no adaptation): what personalization has to beat
+    _, c_prior, _, _ = adapt_and_score(head, shard, np.zeros_like(support), test, cfg, steps=cfg.eval_steps)
     pu = shard.pair_user()
     cols = {C.USER_ID: shard.user_ids.astype(str), "seen": seen,
             "train_pairs": np.bincount(pu, weights=support, minlength=shard.n_users).astype(np.int64),
             "test_pairs": total.numpy().astype(np.int64), "correct": correct.numpy().astype(np.int64),
-            "accuracy": (correct / total.clamp(min=1)).numpy()}
+            "accuracy": (correct / total.clamp(min=1)).numpy(),
+            "prior_accuracy": (c_prior / total.clamp(min=1)).numpy()}
     if v_bt is not None:
         margin = shard.diff[torch.from_numpy(test)] @ v_bt
         c, n = M.per_user_correct(margin, torch.from_numpy(pu[test]), shard.n_users)
@@ -103,12 +96,30 @@ def _evaluate_part(run, uri, seen_set, shots, v_bt) -> pa.Table | None:
     n_train = np.bincount(pu, weights=~test, minlength=shard.n_users)
     for k in shots:
         sup_k = tasks.cap_pairs(shard, k, cfg.seed, eligible=~test)
-        _, c, n = adapt_and_score(head, shard, sup_k, test, cfg, steps=cfg.eval_steps)
+        _, c, n, _ = adapt_and_score(head, shard, sup_k, test, cfg, steps=cfg.eval_steps)
         acc = (c / n.clamp(min=1)).numpy()
         cols[f"acc_{k}_shot"] = np.where(n_train >= k, acc, np.nan)  # only users that have k train pairs
     table = pa.table(cols)
     return table.append_column(C.THETA, pa.FixedSizeListArray.from_arrays(
         pa.array(theta.numpy().reshape(-1).astype(np.float32)), theta.shape[1]))
+
+
+def personalization(run, per_user: pa.Table) -> dict:
+    """Does adaptation do anything?  Gain over the population prior, spread of the weights, head similarity."""
+    seen = per_user.column("seen").to_numpy(zero_copy_only=False)
+    ok = (per_user.column("test_pairs").to_numpy() > 0) & ~seen
+    acc = per_user.column("accuracy").to_numpy(zero_copy_only=False)[ok]
+    prior = per_user.column("prior_accuracy").to_numpy(zero_copy_only=False)[ok]
+    theta = np.asarray(per_user.column(C.THETA).to_pylist(), dtype=np.float64)
+    w = run.head.weight().detach().double()
+    wn = w / w.norm(dim=1, keepdim=True).clamp(min=1e-12)
+    gain = M.paired(acc, prior)
+    out = {"unseen_gain_over_prior": gain, "prior": _summaries(per_user, "prior_accuracy"),
+           "weight_std": theta.std(0).tolist() if len(theta) else [], "head_cosine": (wn @ wn.T).tolist()}
+    if gain is None or gain["ci95"][1] <= 0:
+        out["warning"] = ("adaptation does not beat the population prior on unseen users: every user gets "
+                          "(close to) the same reward")
+    return out
 
 
 def _summaries(per_user: pa.Table, column: str) -> dict:
@@ -130,6 +141,7 @@ def _write_outputs(run, per_user: pa.Table, embeddings: str, out: str, shots) ->
         joined = per_user.select([C.USER_ID, "seen", "test_pairs"]).join(
             truth.select([C.USER_ID, "oracle_test_accuracy"]), C.USER_ID)
         metrics["oracle"] = _summaries(joined, "oracle_test_accuracy")
+    metrics["personalization"] = personalization(run, per_user)
     metrics["run"] = run.uri
     metrics["eval_inner_steps"] = run.cfg.eval_steps
     out_dir = posixpath.dirname(out.rstrip("/")) if not storage.is_remote(out) else out.rsplit("/", 1)[0]
@@ -170,5 +182,13 @@ def run(args) -> int:
         rows.append(("oracle", m["oracle"]))
     for name, d in rows:
         print(f"{name:10s} seen {_fmt(d['seen'])}  unseen {_fmt(d['unseen'])}")
+    p = m["personalization"]
+    g = p["unseen_gain_over_prior"]
+    if g is not None:
+        print(f"personalization: {g['mean'] * 100:+.2f} points over the population prior on unseen users "
+              f"(95% interval {g['ci95'][0] * 100:+.2f} to {g['ci95'][1] * 100:+.2f}); "
+              f"spread of user weights {np.round(p['weight_std'], 3).tolist()}")
+    if "warning" in p:
+        log.warning("%s", p["warning"])
     print(f"metrics: {out}")
     return 0

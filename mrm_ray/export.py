@@ -5,7 +5,7 @@
     mrm export-hf ... --support data/emb --out models/alice   # adapt on alice's rows of an embeddings table
 
 MRM's reward of a response is linear in the backbone's last-token hidden state e:
-r_u(e) = v_u . e with v_u = s W^T softmax(theta_u).  A sequence-classification model
+r_u(e) = v_u . e with v_u = s W^T mixing(theta_u).  A sequence-classification model
 (`LlamaForSequenceClassification` and friends) computes exactly `score.weight @ h`
 on the hidden state h of the last non-padding token, so the personalized model is
 the frozen backbone with `score.weight = v_u` (num_labels=1, no bias):
@@ -143,7 +143,7 @@ def export(run_uri: str, user_id: str, backbone: str, out: str, weights: str | N
     record = {"user_id": str(user_id), "run": run_uri, "source": source, "prior": user.prior,
               "n_support": user.n_support, "theta": [float(x) for x in user.theta],
               "inner_steps": rm.scorer.inner.steps, "backbone": str(backbone),
-              "reward": "logit = v_u . h_last, v_u = s W^T softmax(theta)"}
+              "reward": "logit = v_u . h_last, v_u = s W^T mixing(theta)"}
     model.config.mrm_user = str(user_id)
     model.config.mrm = record
     if storage.is_remote(out):

@@ -23,11 +23,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from mrm_ray import rpo, tasks
-from mrm_ray.adapt import adapt, task_losses
+from mrm_ray import reference, rpo, tasks
+from mrm_ray.adapt import adapt, segment_sum, task_losses
 from mrm_ray.config import TrainConfig
 from mrm_ray.metrics import per_user_correct
-from mrm_ray.model import MRMHead, mix
+from mrm_ray.model import MRMHead, bt_loss, mix
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,7 @@ class TrainState:
     scheduler: dict = field(default_factory=dict)
     best_head: dict = field(default_factory=dict)
     best_val_accuracy: float = -1.0
+    best_val_loss: float = float("inf")
     best_epoch: int = -1
     history: list = field(default_factory=list)
 
@@ -111,22 +112,21 @@ def warmup_cosine(total_steps: int, warmup_ratio: float) -> Callable[[int], floa
     return factor
 
 
-def inner_lr(head: MRMHead) -> torch.Tensor | None:
-    return None if head.log_inner_lr is None else head.log_inner_lr.exp()
-
-
 def meta_batch_losses(head: MRMHead, shard: tasks.UserPairs, users: np.ndarray, support: np.ndarray,
                       query: np.ndarray, cfg: TrainConfig) -> torch.Tensor:
     """Query loss (B,) of each user in `users` after adapting on its support pairs."""
     rows, seg = shard.rows(users)
     s, q = support[rows], query[rows]
     dev = shard.diff.device
-    # One (rows, d) x (d, K) product per step: the only time the embeddings are read.
-    dphi = shard.diff[torch.from_numpy(rows).to(dev)] @ head.weight().T
+    # One (rows, d) x (d, K) product per step: the only time the embeddings are read.  The inner
+    # loop then works on K floats per pair, in float64: Newton's solves would amplify float32
+    # rounding, and 1 worker and N workers must take the same steps.
+    dphi = (shard.diff[torch.from_numpy(rows).to(dev)] @ head.weight().T).double()
     seg_t = torch.from_numpy(seg).to(dev)
     s_t, q_t = torch.from_numpy(s).to(dev), torch.from_numpy(q).to(dev)
-    theta = adapt(head.theta0, dphi[s_t], seg_t[s_t], len(users), cfg.inner, inner_lr(head))
-    return task_losses(theta, dphi[q_t], seg_t[q_t])
+    args = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in head.inner_args().items()}
+    theta = adapt(head.theta0.double(), dphi[s_t], seg_t[s_t], len(users), cfg.inner, **args)
+    return task_losses(theta, dphi[q_t], seg_t[q_t], weights=head.cfg.weights).to(head.theta0.dtype)
 
 
 @torch.no_grad()
@@ -135,29 +135,33 @@ def adapt_and_score(head: MRMHead, shard: tasks.UserPairs, support: np.ndarray, 
                     cfg: TrainConfig, steps: int | None = None, users_per_chunk: int = 65536):
     """Adapt every user on its `support` rows, score its `query` rows.
 
-    Returns (theta (U, K), correct (U,), total (U,)).  Users are processed in
-    chunks so memory stays bounded by the chunk, not the population.
+    Returns (theta (U, K), correct (U,), total (U,), loss (U,): the summed BT
+    loss of the query rows).  Users are processed in chunks so memory stays
+    bounded by the chunk, not the population.
     """
-    inner = cfg.inner if steps is None else type(cfg.inner)(**{**cfg.inner.__dict__, "steps": steps})
+    inner = cfg.inner.for_evaluation(steps)
     w = head.weight()
-    lr = inner_lr(head)
-    thetas, correct, total = [], [], []
+    args = {k: (v.detach().double() if isinstance(v, torch.Tensor) else v) for k, v in head.inner_args().items()}
+    thetas, correct, total, losses = [], [], [], []
     for lo in range(0, shard.n_users, users_per_chunk):
         users = np.arange(lo, min(lo + users_per_chunk, shard.n_users))
         rows, seg = shard.rows(users)
         dev = shard.diff.device
-        dphi = shard.diff[torch.from_numpy(rows).to(dev)] @ w.T
+        dphi = (shard.diff[torch.from_numpy(rows).to(dev)] @ w.T).double()
         seg_t = torch.from_numpy(seg).to(dev)
         s_t, q_t = torch.from_numpy(support[rows]).to(dev), torch.from_numpy(query[rows]).to(dev)
-        theta = adapt(head.theta0.detach(), dphi[s_t], seg_t[s_t], len(users), inner, lr)
-        c, n = per_user_correct(mix(theta.index_select(0, seg_t[q_t]), dphi[q_t]), seg_t[q_t], len(users))
-        thetas.append(theta.detach())
+        theta = adapt(head.theta0.detach().double(), dphi[s_t], seg_t[s_t], len(users), inner, **args)
+        margin = mix(theta.index_select(0, seg_t[q_t]), dphi[q_t], args["weights"])
+        c, n = per_user_correct(margin, seg_t[q_t], len(users))
+        thetas.append(theta.detach().to(head.theta0.dtype))
         correct.append(c)
         total.append(n)
+        losses.append(segment_sum(bt_loss(margin).to(torch.float64), seg_t[q_t], len(users)))
     if not thetas:
         k = head.theta0.shape[0]
-        return torch.zeros(0, k), torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
-    return torch.cat(thetas), torch.cat(correct), torch.cat(total)
+        empty = torch.zeros(0, dtype=torch.float64)
+        return torch.zeros(0, k), empty, empty, empty
+    return torch.cat(thetas), torch.cat(correct), torch.cat(total), torch.cat(losses)
 
 
 def meta_step(head: MRMHead, opt: torch.optim.Optimizer, shard: tasks.UserPairs, users: np.ndarray,
@@ -188,33 +192,56 @@ def meta_step(head: MRMHead, opt: torch.optim.Optimizer, shard: tasks.UserPairs,
     return j, global_losses
 
 
-def validate(head: MRMHead, shard: tasks.UserPairs, val: np.ndarray, cfg: TrainConfig, comm: Collective) -> float:
-    """Mean per-user accuracy on the validation carve (over all workers' users)."""
+def validate(head: MRMHead, shard: tasks.UserPairs, val: np.ndarray, cfg: TrainConfig,
+             comm: Collective) -> tuple[float, float]:
+    """(accuracy, loss) on the validation carve: means over users (all workers') of per-user figures."""
     if not val.any() and comm.world == 1:
-        return float("nan")
-    _, c, n = adapt_and_score(head, shard, ~val, val, cfg, steps=cfg.eval_steps)
+        return float("nan"), float("nan")
+    _, c, n, loss = adapt_and_score(head, shard, ~val, val, cfg, steps=cfg.eval_steps)
     has = n > 0
-    acc = (c[has] / n[has]).sum() if has.any() else c.new_zeros(())
-    sums = comm.all_sum(torch.stack([acc, has.sum().to(torch.float64)]))
-    return float(sums[0] / sums[1]) if sums[1] > 0 else float("nan")
+    sums = torch.stack([(c[has] / n[has]).sum(), (loss[has] / n[has]).sum(), has.sum().to(torch.float64)])
+    sums = comm.all_sum(sums)
+    if sums[2] == 0:
+        return float("nan"), float("nan")
+    return float(sums[0] / sums[2]), float(sums[1] / sums[2])
+
+
+def _better(metrics: dict, state: "TrainState", cfg: TrainConfig) -> bool:
+    """Is this validation pass the best so far?  (higher accuracy, or lower loss, on the carve)"""
+    if state.best_epoch < 0:
+        return True
+    if cfg.select_metric == "last":
+        return True
+    if cfg.select_metric == "loss":
+        return not math.isnan(metrics["val_loss"]) and metrics["val_loss"] < state.best_val_loss
+    return not math.isnan(metrics["val_accuracy"]) and metrics["val_accuracy"] > state.best_val_accuracy
 
 
 @single_thread()
 def meta_train(cfg: TrainConfig, head: MRMHead, shard: tasks.UserPairs, n_global_users: int,
                state: TrainState | None = None,
-               on_epoch_end: Callable[[TrainState, dict], None] | None = None) -> TrainState:
+               on_epoch_end: Callable[[TrainState, dict], None] | None = None,
+               reference_index: np.ndarray | None = None) -> TrainState:
     """Meta-train `head` on the seen users of this worker's shard.
 
     shard: this worker's seen users, their TRAIN pairs only (caps applied).
     n_global_users: seen users over all workers (fixes the number of steps per epoch).
     state: resume from it (epoch, optimizer, scheduler, best model, history).
     on_epoch_end(state, metrics): called after every validation pass (checkpointing).
+    reference_index: with cfg.reference_mode, each shard user's dataset index (mrm_ray.reference).
     """
     comm = Collective()
     state = state or TrainState()
     opt = torch.optim.Adam(head.parameters(), lr=cfg.meta_lr)
     n_slots = max(1, math.ceil(n_global_users / cfg.tasks_per_batch))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.epochs * n_slots, cfg.warmup_ratio))
+    faithful = cfg.reference_mode != "none"
+    if faithful:
+        factor = reference.schedule(n_global_users * cfg.epochs // cfg.tasks_per_batch, cfg.warmup_ratio)
+        orders = reference.epoch_orders(cfg.seed, [tuple(w.shape) for w in head.layers], head.theta0.shape[0],
+                                        n_global_users, cfg.epochs, cfg.eval_every)
+    else:
+        factor = warmup_cosine(cfg.epochs * n_slots, cfg.warmup_ratio)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     if state.head:
         head.load_state_dict(state.head)
         opt.load_state_dict(state.optimizer)
@@ -222,10 +249,34 @@ def meta_train(cfg: TrainConfig, head: MRMHead, shard: tasks.UserPairs, n_global
     user_hash = tasks.hash_ids(shard.user_ids, cfg.seed)
     val = tasks.validation_mask(shard, cfg.val_ratio, cfg.seed)
 
+    def record(metrics: dict) -> None:
+        """Validate, keep the best head so far, log, checkpoint."""
+        acc, loss = validate(head, shard, val, cfg, comm)
+        metrics = {"epoch": state.epoch, **metrics, "val_accuracy": acc, "val_loss": loss,
+                   "lr": sched.get_last_lr()[0]}
+        state.history.append(metrics)
+        state.head = {k: v.detach().clone() for k, v in head.state_dict().items()}
+        state.optimizer, state.scheduler = opt.state_dict(), sched.state_dict()
+        if _better(metrics, state, cfg):
+            state.best_val_accuracy = -1.0 if math.isnan(acc) else acc
+            state.best_val_loss = float("inf") if math.isnan(loss) else loss
+            state.best_epoch, state.best_head = state.epoch, state.head
+        if comm.rank == 0:
+            log.info("epoch %d/%d  meta_loss %.4f  val_acc %.4f  val_loss %.4f", state.epoch, cfg.epochs,
+                     metrics.get("meta_loss", float("nan")), acc, loss)
+        if on_epoch_end is not None:
+            on_epoch_end(state, metrics)
+
+    if state.epoch == 0 and state.best_epoch < 0:
+        record({})  # epoch 0: the start itself is a candidate (a data-driven start may already be best)
     for epoch in range(state.epoch, cfg.epochs):
         t0 = time.time()
-        support, query = tasks.support_query_masks(shard, cfg.query_ratio, cfg.seed, epoch, exclude=val)
-        slot = tasks.epoch_slots(user_hash, n_slots, cfg.seed, epoch)
+        if faithful:  # the reference's epochs count from 1
+            support, query = reference.support_query(shard, reference_index, cfg.seed, epoch + 1, cfg.query_ratio)
+            slot = reference.slots(orders[epoch], reference_index, cfg.tasks_per_batch)
+        else:
+            support, query = tasks.support_query_masks(shard, cfg.query_ratio, cfg.seed, epoch, exclude=val)
+            slot = tasks.epoch_slots(user_hash, n_slots, cfg.seed, epoch)
         order = np.argsort(slot, kind="stable")
         bounds = np.searchsorted(slot[order], np.arange(n_slots + 1))
         local_sizes = torch.from_numpy(np.diff(bounds)).to(torch.float64)
@@ -245,20 +296,8 @@ def meta_train(cfg: TrainConfig, head: MRMHead, shard: tasks.UserPairs, n_global
                 w_spread.append(float(rpo.weights(global_losses, cfg.rpo).std()))
         state.epoch = epoch + 1
         if state.epoch % cfg.eval_every == 0 or state.epoch == cfg.epochs:
-            val_acc = validate(head, shard, val, cfg, comm)
-            metrics = {"epoch": state.epoch, "meta_loss": loss_sum / max(users_seen, 1),
-                       "objective": objective_sum / n_slots, "rpo_weight_std": float(np.mean(w_spread)) if w_spread else 0.0,
-                       "val_accuracy": val_acc, "lr": sched.get_last_lr()[0], "seconds": time.time() - t0,
-                       "users_per_second": users_seen / max(time.time() - t0, 1e-9)}
-            state.history.append(metrics)
-            state.head = {k: v.detach().clone() for k, v in head.state_dict().items()}
-            state.optimizer, state.scheduler = opt.state_dict(), sched.state_dict()
-            if not math.isnan(val_acc) and val_acc > state.best_val_accuracy or state.best_epoch < 0:
-                state.best_val_accuracy = -1.0 if math.isnan(val_acc) else val_acc
-                state.best_epoch, state.best_head = state.epoch, state.head
-            if comm.rank == 0:
-                log.info("epoch %d/%d  meta_loss %.4f  val_acc %.4f  (%.1f users/s)", state.epoch, cfg.epochs,
-                         metrics["meta_loss"], val_acc, metrics["users_per_second"])
-            if on_epoch_end is not None:
-                on_epoch_end(state, metrics)
+            seconds = time.time() - t0
+            record({"meta_loss": loss_sum / max(users_seen, 1), "objective": objective_sum / n_slots,
+                    "rpo_weight_std": float(np.mean(w_spread)) if w_spread else 0.0, "seconds": seconds,
+                    "users_per_second": users_seen / max(seconds, 1e-9)})
     return state

@@ -40,6 +40,16 @@ def report(per_user: dict[str, np.ndarray]) -> dict:
             "overall": summarize(acc[has], pairs[has])}
 
 
+def paired(a: np.ndarray, b: np.ndarray) -> dict | None:
+    """Mean of a - b over the entries where both exist, with a normal 95% interval (paired per user)."""
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    d = d[~np.isnan(d)]
+    if len(d) == 0:
+        return None
+    half = 1.96 * d.std(ddof=1) / math.sqrt(len(d)) if len(d) > 1 else float("nan")
+    return {"mean": float(d.mean()), "ci95": [float(d.mean() - half), float(d.mean() + half)], "users": int(len(d))}
+
+
 def few_shot(acc_by_k: dict[int, np.ndarray], seen: np.ndarray, has_test: np.ndarray) -> dict:
     """{"k": {seen, unseen, users}}: mean accuracy after adapting on k pairs.
 

@@ -23,10 +23,10 @@ def _png(fig) -> bytes:
 
 
 def learning_curves(history: list[dict]) -> bytes:
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
     epochs = [h["epoch"] for h in history]
-    for ax, key, title in zip(axes, ("meta_loss", "val_accuracy", "rpo_weight_std"),
-                              ("meta-training query loss", "validation accuracy (model selection)",
+    for ax, key, title in zip(axes, ("meta_loss", "val_accuracy", "val_loss", "rpo_weight_std"),
+                              ("meta-training query loss", "validation accuracy", "validation loss",
                                "spread of RPO user weights (std)")):
         ax.plot(epochs, [h.get(key, np.nan) for h in history], marker="o", ms=3)
         ax.set_title(title)

@@ -4,7 +4,8 @@
     <run>/model.json           format version, embedding dim, model config, best epoch
     <run>/model.safetensors    the selected (best validation) head: W layers, theta0[, log_inner_lr]
     <run>/users.parquet        user_id, seen, train_pairs, test_pairs, skipped
-    <run>/history.json         per-epoch meta-loss, RPO weight spread, validation accuracy
+    <run>/history.json         per-epoch meta-loss, RPO weight spread, validation accuracy and loss
+    <run>/start.json           the data-driven start: chosen K, ridge, prior and the cross-validation table
     <run>/checkpoints/...      resumable training state (Ray Train checkpoints)
     <run>/metrics.json         written by `mrm evaluate`
 
@@ -27,8 +28,8 @@ from mrm_ray.errors import UserError
 from mrm_ray.model import MRMHead
 
 FORMAT_VERSION = 1
-CONFIG, MODEL_JSON, MODEL, USERS, HISTORY, METRICS = (
-    "config.json", "model.json", "model.safetensors", "users.parquet", "history.json", "metrics.json")
+CONFIG, MODEL_JSON, MODEL, USERS, HISTORY, METRICS, START = (
+    "config.json", "model.json", "model.safetensors", "users.parquet", "history.json", "metrics.json", "start.json")
 USER_COLUMNS = ("user_id", "seen", "train_pairs", "test_pairs", "skipped")
 
 
@@ -48,8 +49,11 @@ class Run:
 
 
 def build_head(dim: int, cfg: config_mod.TrainConfig) -> MRMHead:
+    if cfg.model.n_heads < 1:
+        raise ValueError("build_head needs a resolved number of heads (model.n_heads >= 1)")
     torch.manual_seed(cfg.seed)
-    return MRMHead(dim, cfg.model, learn_inner_lr=cfg.inner.learn_lr, inner_lr=cfg.inner.lr)
+    return MRMHead(dim, cfg.model, learn_inner_lr=cfg.inner.learn_lr, inner_lr=cfg.inner.lr,
+                   prior=cfg.inner.optimizer == "newton")
 
 
 def save_model(uri: str, head: MRMHead, cfg: config_mod.TrainConfig, extra: dict | None = None) -> None:

@@ -26,7 +26,7 @@ How (two Ray stages, memory bounded by one unit of work, never by the population
      this needs the d-dimensional embeddings: the shuffle moves K floats per row.
   2. score: one Ray task per partition holds complete users, adapts all of them at
      once with the core's batched ragged `adapt` (eval_inner_steps of the run, its
-     inner lr) and scores every candidate: reward = softmax(theta_u) . phi(e) =
+     inner lr) and scores every candidate: reward = mixing(theta_u) . phi(e) =
      v_u . e.  Results go straight to Parquet part files.
 The shuffle lives in the output's staging folder (reachable from every node, removed
 at the end).  `Scorer` holds the math (plain torch) that the Python API shares.
@@ -52,7 +52,7 @@ from mrm_ray import contract as C
 from mrm_ray import runs, storage, tasks
 from mrm_ray.adapt import InnerConfig, adapt
 from mrm_ray.errors import UserError
-from mrm_ray.model import mix
+from mrm_ray.model import mix, mixing
 
 log = logging.getLogger(__name__)
 
@@ -92,17 +92,20 @@ class Scorer:
     w: torch.Tensor
     theta0: torch.Tensor
     inner: InnerConfig
-    lr: torch.Tensor | None = None   # Meta-SGD's learned per-head step sizes, else inner.lr
+    lr: torch.Tensor | None = None     # Meta-SGD's learned per-head step sizes, else inner.lr
+    prior: torch.Tensor | None = None  # Newton adaptation's prior precision
+    weights: str = "softmax"           # how a user mixes the heads (mrm_ray.model.mixing)
 
     @classmethod
     def from_run(cls, run: runs.Run, steps: int | None = None) -> "Scorer":
-        from mrm_ray.meta import inner_lr
         head = run.head
         with torch.no_grad():
-            lr = inner_lr(head)
+            args = head.inner_args()
+            lr, prior = args["lr"], args["prior"]
             return cls(head.weight().detach().float().contiguous(), head.theta0.detach().float().clone(),
-                       replace(run.cfg.inner, steps=steps or run.cfg.eval_steps),
-                       None if lr is None else lr.detach().float())
+                       run.cfg.inner.for_evaluation(steps or run.cfg.eval_steps),
+                       None if lr is None else lr.detach().float(),
+                       None if prior is None else prior.detach().float(), args["weights"])
 
     @property
     def dim(self) -> int:
@@ -127,18 +130,20 @@ class Scorer:
         """
         seg = torch.as_tensor(seg, dtype=torch.long, device=dphi.device)
         theta0, lr = self.theta0.to(dphi.device), None if self.lr is None else self.lr.to(dphi.device)
-        theta = adapt(theta0, dphi, seg, n_users, self.inner, lr)
+        prior = None if self.prior is None else self.prior.to(dphi.device)
+        theta = adapt(theta0, dphi, seg, n_users, self.inner, lr, prior=prior, weights=self.weights)
         n_support = torch.bincount(seg, minlength=n_users)
         return torch.where((n_support > 0)[:, None], theta, theta0), n_support
 
     @torch.no_grad()
     def rewards(self, theta: torch.Tensor, phi: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
-        """reward of candidate i = softmax(theta_seg[i]) . phi_i  (= v_u . e_i)."""
-        return mix(theta.index_select(0, torch.as_tensor(seg, dtype=torch.long, device=phi.device)), phi)
+        """reward of candidate i = mixing(theta_seg[i]) . phi_i  (= v_u . e_i)."""
+        return mix(theta.index_select(0, torch.as_tensor(seg, dtype=torch.long, device=phi.device)), phi,
+                   self.weights)
 
     def user_vector(self, theta: torch.Tensor) -> torch.Tensor:
-        """v_u = s W^T softmax(theta_u): (..., K) -> (..., d)."""
-        return torch.softmax(theta, dim=-1) @ self.w
+        """v_u = s W^T mixing(theta_u): (..., K) -> (..., d)."""
+        return mixing(theta, self.weights) @ self.w
 
 
 def model_fingerprint(run_uri: str) -> str:

@@ -128,6 +128,35 @@ def write_embedding_population(out: str, users: int = 2000, pairs_per_user: int 
     return {"users": users, "pairs": n_pairs, "dim": dim, "out": out}
 
 
+def write_zoo_population(out: str, name: str, users: int | None = None, dim: int | None = None,
+                         seed: int | None = None):
+    """One population of the zoo (mrm_ray.zoo) as an embeddings table with its truth; returns it in memory too."""
+    from mrm_ray import zoo
+    changes = {k: v for k, v in (("users", users), ("dim", dim), ("seed", seed)) if v is not None}
+    g = zoo.generate(zoo.variant(name, **changes))
+    ids = g.user_ids
+    n, dim = len(g.user), g.spec.dim
+    rank = np.arange(n) - np.repeat(np.cumsum(np.bincount(g.user)) - np.bincount(g.user), np.bincount(g.user))
+    uid = ids[g.user].astype(str)
+    table = pa.table({
+        C.USER_ID: pa.array(uid),   # pair ids sort in generation order (a "file order")
+        C.PAIR_ID: pa.array(np.char.add(np.char.add(uid, "/"), np.char.zfill(rank.astype(str), 6))),
+        C.CONV_ID: pa.array(np.char.add("c", g.conv.astype(str))),
+        C.SPLIT: pa.array(np.where(g.is_test, C.TEST, C.TRAIN)),
+        C.CHOSEN_EMB: pa.FixedSizeListArray.from_arrays(pa.array(g.chosen.reshape(-1)), dim),
+        C.REJECTED_EMB: pa.FixedSizeListArray.from_arrays(pa.array(g.rejected.reshape(-1)), dim)})
+    kinds = np.asarray(["regular", "minority", "noisy"])[g.kind]
+    truth = pa.table({C.USER_ID: pa.array(ids.astype(str)), "type": pa.array(kinds),
+                      "pairs": pa.array(np.bincount(g.user, minlength=len(ids))),
+                      "oracle_test_accuracy": pa.array(g.oracle.astype(np.float32))})
+    with storage.atomic_output(out) as staging:
+        writer = storage.PartWriter(staging, table.schema)
+        writer.write(table)
+        writer.close()
+        storage.write_table(truth, storage.join(staging, TRUTH_DIR, "users.parquet"))
+    return g
+
+
 def read_truth(embeddings_uri: str) -> pa.Table | None:
     """The ground-truth users table of a synthetic population, or None."""
     uri = storage.join(embeddings_uri, TRUTH_DIR)
@@ -139,19 +168,33 @@ def read_truth(embeddings_uri: str) -> pa.Table | None:
 # --- CLI ----------------------------------------------------------------------------
 def add_arguments(p) -> None:
     p.add_argument("--out", required=True, help="output table URI (local path or s3://bucket/prefix)")
-    p.add_argument("--users", type=int, default=2000, help="number of users")
+    p.add_argument("--users", type=int, help="number of users (default: 2000, or the --population's own)")
     p.add_argument("--pairs-per-user", type=int, default=20, help="mean preference pairs per user (ragged)")
     p.add_argument("--kind", choices=("embedding", "text"), default="embedding",
                    help="embedding: an embeddings table (train directly); text: a pairs table (run mrm embed)")
-    p.add_argument("--dim", type=int, default=64, help="embedding dimension (--kind embedding)")
+    p.add_argument("--dim", type=int, help="embedding dimension (--kind embedding; default: 64, or the --population's own)")
     p.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="embedding storage type")
     p.add_argument("--seed", type=int, default=0, help="random seed: same seed, same population")
+    p.add_argument("--population", metavar="NAME",
+                   help="a population of the quality zoo instead (mrm_ray.zoo: lowrank, clusters, "
+                        "few-users-many-pairs, many-users-few-pairs, noisy-minority, anisotropic-1024, "
+                        "homogeneous, individual); --users/--dim change its size only when given")
 
 
 def run(args) -> int:
     from mrm_ray.errors import UserError
-    if args.users < 1 or args.pairs_per_user < 1 or args.dim < 4:
+    if (args.users is not None and args.users < 1) or args.pairs_per_user < 1 or (args.dim is not None and args.dim < 4):
         raise UserError("--users and --pairs-per-user must be >= 1 and --dim >= 4")
+    if args.population is not None:
+        from mrm_ray import zoo
+        if args.population not in zoo.ZOO:
+            raise UserError(f"unknown population {args.population!r}; known: {', '.join(zoo.ZOO)}")
+        g = write_zoo_population(args.out, args.population, users=args.users, dim=args.dim, seed=args.seed)
+        print(f"wrote {{'population': {args.population!r}, 'users': {g.spec.users}, 'pairs': {len(g.user)}, "
+              f"'dim': {g.spec.dim}, 'out': {args.out!r}}}")
+        return 0
+    args.users = 2000 if args.users is None else args.users
+    args.dim = 64 if args.dim is None else args.dim
     if args.kind == "text":
         from mrm_ray.synth_text import write_text_population
         summary = write_text_population(args.out, users=args.users, pairs_per_user=args.pairs_per_user,

@@ -78,6 +78,12 @@ class UserPairs:
     conv_hash: np.ndarray         # (C,) uint64 hash of (user, conv_id)
     diff: torch.Tensor            # (N, d) chosen_emb - rejected_emb, float32
     is_test: np.ndarray | None = None  # (N,) bool: the pair is in the test split
+    pair_order: np.ndarray | None = None  # (N,) int64: rank of the pair_id in sorted order (file order)
+    # the reference's training items and their positions in a user's list (mrm_ray.reference only)
+    item: np.ndarray | None = None
+    item_position: np.ndarray | None = None
+
+    ROW_FIELDS = ("is_test", "pair_order", "item", "item_position")   # per-row arrays, kept by select
 
     @property
     def n_users(self) -> int:
@@ -118,9 +124,9 @@ class UserPairs:
         rows = np.flatnonzero(row_mask)
         conv_old = self.conv[rows]
         uniq, conv_new = np.unique(conv_old, return_inverse=True)
+        per_row = {f: (None if getattr(self, f) is None else getattr(self, f)[rows]) for f in self.ROW_FIELDS}
         return UserPairs(self.user_ids[users], np.r_[0, np.cumsum(counts[users])].astype(np.int64),
-                         conv_new.astype(np.int64), self.conv_hash[uniq], self.diff[torch.from_numpy(rows)],
-                         None if self.is_test is None else self.is_test[rows])
+                         conv_new.astype(np.int64), self.conv_hash[uniq], self.diff[torch.from_numpy(rows)], **per_row)
 
 
 def user_pairs_from_table(table: pa.Table, users: np.ndarray | None = None) -> UserPairs:
@@ -152,7 +158,8 @@ def user_pairs_from_table(table: pa.Table, users: np.ndarray | None = None) -> U
     if C.SPLIT in table.column_names:
         is_test = pc.equal(table.column(C.SPLIT), C.TEST).to_numpy(zero_copy_only=False)[order]
     return UserPairs(users, np.r_[0, np.cumsum(counts)].astype(np.int64), conv.astype(np.int64),
-                     hash_ids(np.asarray(conv_uniq, dtype=object)[used_convs], 0), diff, is_test)
+                     hash_ids(np.asarray(conv_uniq, dtype=object)[used_convs], 0), diff, is_test,
+                     pair_order=pair_rank[order].astype(np.int64))
 
 
 # --- splits ------------------------------------------------------------------------
@@ -164,6 +171,22 @@ def cap_pairs(shard: UserPairs, limit: int | None, seed: int, eligible: np.ndarr
     key = unit(mix64(shard.conv_hash[shard.conv], seed + 101)) + 1e-9 * np.arange(shard.n_pairs) / max(shard.n_pairs, 1)
     key = key + 2.0 * ~eligible  # ineligible rows rank after every eligible one
     return (rank_within(shard.pair_user(), key) < limit) & eligible
+
+
+def adaptation_rows(shard: UserPairs, seen: np.ndarray, cfg) -> np.ndarray:
+    """Row mask: the train pairs each user adapts on outside meta-training (evaluation, compare),
+    capped by cfg.seen_train_limit / cfg.unseen_train_limit -- the reference's way in reference_mode."""
+    train = ~shard.is_test if shard.is_test is not None else np.ones(shard.n_pairs, dtype=bool)
+    seen_rows = seen[shard.pair_user()]
+    if cfg.reference_mode != "none":
+        from mrm_ray import reference
+        sub = reference.attach_items(shard.select(train), cfg.reference_mode, cfg.seed)
+        position = np.full(shard.n_pairs, np.iinfo(np.int64).max)
+        position[train] = sub.item_position
+        within = lambda limit: train if not limit else train & (position < limit)  # noqa: E731
+        return np.where(seen_rows, within(cfg.seen_train_limit), within(cfg.unseen_train_limit))
+    return np.where(seen_rows, cap_pairs(shard, cfg.seen_train_limit, cfg.seed, eligible=train),
+                    cap_pairs(shard, cfg.unseen_train_limit, cfg.seed, eligible=train))
 
 
 def validation_mask(shard: UserPairs, val_ratio: float, seed: int) -> np.ndarray:

@@ -28,7 +28,7 @@ import yaml
 
 from mrm_ray import config as config_mod
 from mrm_ray import contract as C
-from mrm_ray import runs, storage, tasks
+from mrm_ray import reference, runs, storage, tasks
 from mrm_ray.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -69,11 +69,18 @@ def scan_embeddings(uri: str, cfg: config_mod.TrainConfig) -> Scan:
         raise UserError(f"embeddings table {uri} has no rows")
     per_user = pd.concat(counts).groupby(level=0).sum().sort_index()
     uid = per_user.index.to_numpy(dtype=object)
-    seen = tasks.seen_mask(uid, cfg.seed, cfg.seen_ratio)
     train = per_user["train_pairs"].to_numpy(np.int64)
+    if cfg.reference_mode == "none":
+        seen = tasks.seen_mask(uid, cfg.seed, cfg.seen_ratio)
+        index = np.full(len(uid), -1, dtype=np.int64)
+    else:  # the reference's split; each user's index in its (seen or unseen) dataset drives its RNG
+        seen_ids, unseen_ids = reference.user_split(uid, cfg.seed)
+        position = {u: i for i, u in enumerate(seen_ids)} | {u: i for i, u in enumerate(unseen_ids)}
+        seen = np.isin(uid.astype(str), seen_ids)
+        index = np.array([position[str(u)] for u in uid], dtype=np.int64)
     users = pa.table({"user_id": pa.array(uid.astype(str)), "seen": pa.array(seen),
                       "train_pairs": pa.array(train), "test_pairs": pa.array(per_user["test_pairs"].to_numpy(np.int64)),
-                      "skipped": pa.array(train < cfg.min_train_pairs)})
+                      "skipped": pa.array(train < cfg.min_train_pairs), "reference_index": pa.array(index)})
     return Scan(dim, users, math.sqrt(sq / n_sq) if n_sq else 1.0, pairs)
 
 
@@ -86,10 +93,72 @@ def seen_train_pairs(uri: str, users: pa.Table, cfg: config_mod.TrainConfig) -> 
         keep = keep & (pc.field(C.SPLIT) != C.TEST)
     table = storage.read_table(uri, columns=[c for c in SCAN_COLUMNS if c in names], filter=keep)
     shard = tasks.user_pairs_from_table(C.normalize_embeddings(table), users=ids.to_numpy(zero_copy_only=False))
-    return shard.select(tasks.cap_pairs(shard, cfg.seen_train_limit, cfg.seed))
+    return cap_train(shard, cfg, cfg.seen_train_limit)
 
 
-def train_local(cfg: config_mod.TrainConfig, uri: str, run_uri: str, seen_users: pa.Table, dim: int):
+def cap_train(shard: tasks.UserPairs, cfg: config_mod.TrainConfig, limit: int | None) -> tasks.UserPairs:
+    """A shard of train pairs with the cap applied (the reference's way in reference_mode)."""
+    if cfg.reference_mode != "none":
+        reference.attach_items(shard, cfg.reference_mode, cfg.seed)
+        return shard.select(reference.cap(shard, limit, np.ones(shard.n_pairs, dtype=bool)))
+    return shard.select(tasks.cap_pairs(shard, limit, cfg.seed))
+
+
+def data_start(cfg: config_mod.TrainConfig, uri: str, seen_users: pa.Table, dim: int) -> tuple[dict, dict]:
+    """The data-driven start (mrm_ray.basis) from the seen users' training pairs.
+
+    Uses at most cfg.basis.max_values floats: whole users, picked by a seeded
+    hash, until the budget is spent (meta-training then sees every user).
+    It uses the validation carve of meta-training too (a data-poor population
+    needs every pair; the start's own choices are cross-validated over users):
+    epoch 0 then looks a little better on the carve than it is, so the later
+    epochs of meta-training are only kept when they beat it clearly.
+    Returns (head state dict, report); sets cfg.model.n_heads.
+    """
+    import torch
+    from mrm_ray import basis
+    from mrm_ray.meta import single_thread
+    pairs = seen_users.column("train_pairs").to_numpy()
+    if cfg.seen_train_limit:
+        pairs = np.minimum(pairs, cfg.seen_train_limit)
+    order = np.argsort(tasks.unit(tasks.mix64(tasks.hash_ids(seen_users.column("user_id").to_numpy(
+        zero_copy_only=False), cfg.seed), 0xBA515)), kind="stable")
+    n_keep = int(np.searchsorted(np.cumsum(pairs[order]) * dim, cfg.basis.max_values, side="right"))
+    sample = seen_users.take(pa.array(np.sort(order[:max(n_keep, min(len(order), cfg.basis.folds))])))
+    shard = seen_train_pairs(uri, sample, cfg)
+    shard = shard.select(shard.counts()[shard.pair_user()] > 0, keep_empty_users=False)
+    if shard.n_users < 2:
+        raise UserError("model.init=data needs at least 2 seen users with training pairs to cross-validate "
+                        f"the start; this table has {shard.n_users} (use model.init=random)")
+    folds = min(cfg.basis.folds, shard.n_users)
+    if folds < cfg.basis.folds:
+        log.warning("only %d seen users: the start is cross-validated over %d folds, not %d", shard.n_users,
+                    folds, cfg.basis.folds)
+    log.info("data-driven start: %d users, %d pairs (cross-validated over %d folds)", shard.n_users,
+             shard.n_pairs, folds)
+    # users dealt round-robin in a seeded hash order: every fold gets users, however few there are
+    rank = np.argsort(np.argsort(tasks.unit(tasks.mix64(tasks.hash_ids(shard.user_ids, cfg.seed), 0xF01D)),
+                                 kind="stable"), kind="stable")
+    fold = rank % folds
+    half = tasks.validation_mask(shard, 0.5, cfg.seed + 1)
+    x = shard.diff.to(torch.float64) * cfg.model.input_scale
+    with single_thread():
+        found = basis.fit(x, torch.from_numpy(shard.pair_user()), shard.n_users, torch.from_numpy(fold),
+                          torch.from_numpy(half), cfg.basis, n_heads=cfg.model.n_heads, robust=cfg.rpo)
+    cfg.model.n_heads = int(found.weight.shape[0])
+    head = runs.build_head(dim, cfg)
+    state = head.state_dict()
+    state["layers.0"] = found.weight.to(torch.float32)
+    state["theta0"] = found.mu.to(torch.float32)
+    if "log_prior" in state:
+        state["log_prior"] = found.prec.log().to(torch.float32)
+    report = {**found.report, "users": shard.n_users, "pairs": shard.n_pairs}
+    log.info("data-driven start: %s", {k: v for k, v in report.items() if k != "cv"})
+    return state, report
+
+
+def train_local(cfg: config_mod.TrainConfig, uri: str, run_uri: str, seen_users: pa.Table, dim: int,
+                start: dict | None = None):
     """Single-process meta-training with a resumable state file in the run directory."""
     from mrm_ray.meta import meta_train
     state_uri = storage.join(run_uri, "checkpoints", "local", "state.pt")
@@ -98,10 +167,21 @@ def train_local(cfg: config_mod.TrainConfig, uri: str, run_uri: str, seen_users:
         log.info("resuming from %s (epoch %d)", state_uri, state.epoch)
     shard = seen_train_pairs(uri, seen_users, cfg)
     head = runs.build_head(dim, cfg)
+    if start is not None and state is None:
+        head.load_state_dict(start)
+    index = reference_index(seen_users, shard.user_ids)
 
     def checkpoint(st, metrics):
         storage.write_bytes(state_uri, runs.state_to_bytes(st))
-    return head, meta_train(cfg, head, shard, shard.n_users, state=state, on_epoch_end=checkpoint)
+    return head, meta_train(cfg, head, shard, shard.n_users, state=state, on_epoch_end=checkpoint,
+                            reference_index=index)
+
+
+def reference_index(users: pa.Table, user_ids: np.ndarray) -> np.ndarray:
+    """Each of `user_ids`' dataset index in the reference's order (from the scan's users table)."""
+    lookup = pd.Series(users.column("reference_index").to_numpy(),
+                       index=users.column("user_id").to_numpy(zero_copy_only=False).astype(str))
+    return lookup.reindex(np.asarray(user_ids).astype(str)).fillna(-1).to_numpy(np.int64)
 
 
 # Where a run executes, not what it computes (1 or N workers take the same meta-steps):
@@ -119,7 +199,10 @@ def resolve_config(args, run_uri: str) -> tuple[config_mod.TrainConfig, bool]:
         if args.config:
             given |= set(yaml.safe_load(storage.read_bytes(args.config).decode()) or {})
         if args.config or args.preset != "default" or given - set(PLACEMENT_KEYS):
+            # resolved by the first run: the input scale, and K when it was left to cross-validation
             asked.model.input_scale, asked.model.auto_input_scale = saved.model.input_scale, saved.model.auto_input_scale
+            if asked.model.n_heads == 0:
+                asked.model.n_heads = saved.model.n_heads
             a, b = config_mod.to_dict(asked), config_mod.to_dict(saved)
             if any(a[k] != b[k] for k in a if k not in PLACEMENT_KEYS):
                 raise UserError(f"{run_uri} holds a run with a different config; resume without "
@@ -128,6 +211,12 @@ def resolve_config(args, run_uri: str) -> tuple[config_mod.TrainConfig, bool]:
             setattr(saved, key, getattr(asked, key))
         return saved, True
     return build_config(args), False
+
+
+def has_checkpoint(run_uri: str) -> bool:
+    """Does the run directory hold training state to resume from (local or Ray Train)?"""
+    return (storage.exists(storage.join(run_uri, "checkpoints", "local", "state.pt"))
+            or storage.exists(storage.join(run_uri, "checkpoints", "train")))
 
 
 def build_config(args) -> config_mod.TrainConfig:
@@ -163,19 +252,25 @@ def run(args) -> int:
              scan.pairs, users.num_rows, seen.num_rows, skipped, cfg.min_train_pairs, scan.dim)
     if seen.num_rows == 0:
         raise UserError("no seen user has enough train pairs to meta-train on")
+    start = None
+    if cfg.model.init == "data" and not has_checkpoint(args.out):
+        start, report = data_start(cfg, args.embeddings, seen, scan.dim)
+        storage.write_json(storage.join(args.out, runs.START), report)
     if not resuming:
         runs.save_config(args.out, cfg)
     storage.write_table(users, storage.join(args.out, runs.USERS))
     if args.local:
-        head, state = train_local(cfg, args.embeddings, args.out, seen, scan.dim)
+        head, state = train_local(cfg, args.embeddings, args.out, seen, scan.dim, start)
     else:
         from mrm_ray.train_ray import fit
-        head, state = fit(cfg, args.embeddings, args.out, seen, scan.dim)
+        head, state = fit(cfg, args.embeddings, args.out, seen, scan.dim, start)
     head.load_state_dict(state.best_head)
     runs.save_model(args.out, head, cfg, {"best_epoch": state.best_epoch,
                                           "best_val_accuracy": state.best_val_accuracy,
                                           "seen_users": seen.num_rows, "skipped_users": skipped})
     storage.write_json(storage.join(args.out, runs.HISTORY), state.history)
-    print(f"trained {state.epoch} epochs on {seen.num_rows} seen users; best epoch {state.best_epoch} "
-          f"(validation accuracy {state.best_val_accuracy:.4f}); run: {args.out}")
+    chosen = (f"the final epoch (no validation carve)" if cfg.select_metric == "last" or cfg.val_ratio == 0 else
+              f"best epoch {state.best_epoch} (validation accuracy {state.best_val_accuracy:.4f}, "
+              f"loss {state.best_val_loss:.4f})")
+    print(f"trained {state.epoch} epochs on {seen.num_rows} seen users; kept {chosen}; run: {args.out}")
     return 0

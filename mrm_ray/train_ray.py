@@ -118,10 +118,10 @@ class ShardByUser(DataConfig):
 # --- the worker --------------------------------------------------------------------
 def load_shard(batches, dim: int, cfg: config_mod.TrainConfig) -> tasks.UserPairs:
     """This worker's users (sorted by id, as the single-process path) with the caps applied."""
+    from mrm_ray.train import cap_train
     parts = [b for b in batches if b.num_rows]
     table = pa.concat_tables(parts) if parts else C.embeddings_schema(dim).empty_table().select(READ_COLUMNS)
-    shard = tasks.user_pairs_from_table(table)
-    return shard.select(tasks.cap_pairs(shard, cfg.seen_train_limit, cfg.seed))
+    return cap_train(tasks.user_pairs_from_table(table), cfg, cfg.seen_train_limit)
 
 
 def _cpu(obj):
@@ -161,6 +161,8 @@ def train_worker(config: dict) -> None:
     if state is not None and rank == 0:
         log.info("resuming from the checkpoint of epoch %d", state.epoch)
     head = runs.build_head(dim, cfg)
+    if state is None and config.get("start") is not None:
+        head.load_state_dict(config["start"])
     if cfg.use_gpu:
         device = ray.train.torch.get_device()
         head.to(device)
@@ -176,7 +178,11 @@ def train_worker(config: dict) -> None:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
                              checkpoint_dir_name=f"epoch-{st.epoch:06d}")
 
-    meta.meta_train(cfg, head, shard, n_users, state=state, on_epoch_end=on_epoch_end)
+    index = None
+    if config.get("reference_index") is not None:
+        lookup = config["reference_index"]
+        index = np.array([lookup[str(u)] for u in shard.user_ids], dtype=np.int64)
+    meta.meta_train(cfg, head, shard, n_users, state=state, on_epoch_end=on_epoch_end, reference_index=index)
 
 
 # --- the driver ---------------------------------------------------------------------
@@ -230,7 +236,7 @@ def selected_head(dim: int, cfg: config_mod.TrainConfig, state: meta.TrainState)
 
 
 def fit(cfg: config_mod.TrainConfig, embeddings_uri: str, run_uri: str, seen_users: pa.Table,
-        dim: int) -> tuple[MRMHead, meta.TrainState]:
+        dim: int, start: dict | None = None) -> tuple[MRMHead, meta.TrainState]:
     """Meta-train on Ray Train from the run's latest checkpoint, if any.
 
     Returns the selected head and the final training state (last and best head, history).
@@ -256,7 +262,10 @@ def fit(cfg: config_mod.TrainConfig, embeddings_uri: str, run_uri: str, seen_use
     try:
         trainer = train.torch.TorchTrainer(
             train_worker,
-            train_loop_config={"cfg": config_mod.to_dict(cfg), "dim": dim, "n_users": len(seen_ids)},
+            train_loop_config={"cfg": config_mod.to_dict(cfg), "dim": dim, "n_users": len(seen_ids),
+                               "start": start, "reference_index": None if cfg.reference_mode == "none" else dict(
+                                   zip(seen_ids.astype(str).tolist(),
+                                       seen_users.column("reference_index").to_pylist()))},
             torch_config=train.torch.TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
             scaling_config=train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                                resources_per_worker={"CPU": cfg.cpus_per_worker}),

@@ -18,6 +18,7 @@ import torch
 from mrm_ray import api, cli, config, runs, storage
 from mrm_ray import contract as C
 from mrm_ray.errors import UserError
+from reference_loops import adapt_one_user
 from tiny_models import tiny_reward_model
 
 THETA0 = [0.4, -0.3, 0.1]
@@ -37,21 +38,19 @@ def make_run(uri: str, dim: int, overrides=(), seed: int = 0, scale: float = 0.2
 
 
 def reference_adapt(run: runs.Run, ch: torch.Tensor, rj: torch.Tensor) -> torch.Tensor:
-    """The reference's adapt_single_user: a fresh optimizer on theta, steps on the mean BT loss."""
-    theta = torch.nn.Parameter(run.head.theta0.detach().double().clone())
-    opt = torch.optim.SGD([theta], lr=run.cfg.inner.lr)
-    w = run.head.weight().detach().double()
-    for _ in range(run.cfg.eval_steps if len(ch) else 0):
-        opt.zero_grad()
-        v = torch.softmax(theta, 0) @ w
-        (-torch.nn.functional.logsigmoid(ch.double() @ v - rj.double() @ v).mean()).backward()
-        opt.step()
-    return theta.detach()
+    """The reference's adapt_single_user (a fresh optimizer on theta), or the posterior mode (Newton)."""
+    head = run.head
+    prior = None if head.log_prior is None else head.log_prior.detach().exp()
+    return adapt_one_user(head.theta0, head.weight(), ch, rj, run.cfg.inner, run.cfg.eval_steps,
+                          head.cfg.weights, prior)
 
 
 # --- API -----------------------------------------------------------------------------
-def test_api_one_user_equals_batched_path_and_reference(tmp_path):
-    rm = api.load(make_run(str(tmp_path / "run"), 16, ["inner.lr=2.0", "inner.steps=3"]))
+@pytest.mark.parametrize("overrides", [["inner.steps=8"],   # the default: linear weights, Newton steps
+                                       ["model.weights=softmax", "inner.optimizer=sgd", "inner.lr=2.0", "inner.steps=3"]],
+                         ids=["newton", "softmax-sgd"])
+def test_api_one_user_equals_batched_path_and_reference(tmp_path, overrides):
+    rm = api.load(make_run(str(tmp_path / "run"), 16, overrides))
     g = torch.Generator().manual_seed(0)
     counts = {"a": 1, "b": 7, "c": 0, "d": 3, "e": 12}
     pairs = {u: (torch.randn(n, 16, generator=g), torch.randn(n, 16, generator=g)) for u, n in counts.items()}

@@ -87,7 +87,7 @@ def test_local_resume_continues_from_checkpoint(population, tmp_path):
     p = mrm("train", "--embeddings", population, "--out", run, "--local")
     assert "resuming" in p.stderr
     hist = json.loads((run / "history.json").read_text())
-    assert [h["epoch"] for h in hist] == [1, 2, 3]
+    assert [h["epoch"] for h in hist] == [0, 1, 2, 3]  # 0: the start itself, validated before training
 
 
 def test_bad_inputs_exit_with_one_line(tmp_path, population):

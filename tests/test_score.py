@@ -1,8 +1,9 @@
 """`mrm score`: the Ray pipeline equals a plain per-user reference loop.
 
 The reference adapts ONE user at a time with a fresh torch optimizer on its own
-pairs (as the MRM README's `adapt_single_user`), then scores each candidate as
-v_u . e with v_u = s W^T softmax(theta_u), all in float64.  The pipeline routes
+pairs (as the MRM README's `adapt_single_user`), or finds its posterior mode by
+L-BFGS (Newton adaptation, the default), then scores each candidate as
+v_u . e with v_u = s W^T mixing(theta_u), all in float64.  The pipeline routes
 projected rows into hash partitions, adapts thousands of users per call and
 scores through the K base rewards; it must agree.
 """
@@ -20,6 +21,7 @@ import torch
 from mrm_ray import api, cli, config, runs, storage, synth
 from mrm_ray import contract as C
 from mrm_ray import score as S
+from reference_loops import adapt_one_user, user_vector
 
 DIM, K = 16, 3
 
@@ -90,23 +92,15 @@ def reference_scores(run_uri: str, support: str, candidates: str, train_only: bo
     cand_uid = cand.column(C.USER_ID).to_pylist()
     users = sorted(set(sup_uid) | set(cand_uid))
     thetas = {}
+    prior = None if head.log_prior is None else head.log_prior.detach().exp()
     for u in users:
         rows = torch.from_numpy(np.flatnonzero(sup_uid == u))
-        # one scalar parameter per head, so that each head can have its own step size (Meta-SGD)
-        params = [torch.nn.Parameter(t.clone()) for t in head.theta0.detach().double()]
-        opt_cls = torch.optim.Adam if cfg.inner.optimizer == "adam" else torch.optim.SGD
-        opt = opt_cls([{"params": [p], "lr": lr} for p, lr in zip(params, lrs)])
-        for _ in range(cfg.eval_steps if len(rows) else 0):
-            opt.zero_grad()
-            v = torch.softmax(torch.stack(params), 0) @ w            # v_u = s W^T softmax(theta)
-            loss = -torch.nn.functional.logsigmoid(ch[rows] @ v - rj[rows] @ v).mean()
-            loss.backward()
-            opt.step()
-        thetas[u] = torch.stack([p.detach() for p in params])
+        thetas[u] = adapt_one_user(head.theta0, w, ch[rows], rj[rows], cfg.inner, cfg.eval_steps,
+                                   head.cfg.weights, prior, lrs)
     emb = torch.from_numpy(C.emb_matrix(cand.column(C.EMB)).astype(np.float64))
     rewards = {}
     for i, (u, c) in enumerate(zip(cand_uid, cand.column(C.CANDIDATE_ID).to_pylist())):
-        rewards[(u, c)] = float(emb[i] @ (torch.softmax(thetas[u], 0) @ w))
+        rewards[(u, c)] = float(emb[i] @ user_vector(thetas[u], w, head.cfg.weights))
     return thetas, rewards, {u: int((sup_uid == u).sum()) for u in users}
 
 
@@ -176,7 +170,7 @@ def test_adam_meta_sgd_train_split_float16(ray_local, population, tmp_path):
 
 
 def test_s3_round_trip(ray_local, s3_bucket, population, tmp_path):
-    run_uri = make_run(f"{s3_bucket}/run", overrides=["inner.steps=2"])
+    run_uri = make_run(f"{s3_bucket}/run", overrides=["inner.steps=10"])  # Newton: converged to the mode
     storage.write_table(storage.read_table(population["support"]), f"{s3_bucket}/support")
     storage.write_table(storage.read_table(population["candidates"]), f"{s3_bucket}/cands")
     out = f"{s3_bucket}/scored"

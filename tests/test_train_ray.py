@@ -161,7 +161,7 @@ def test_two_workers_match_one_process(population, reference, tmp_path):
     assert_heads_close(two.best_head, one.best_head)
     for h1, h2 in zip(one.history, two.history):
         assert h1["epoch"] == h2["epoch"] and abs(h1["val_accuracy"] - h2["val_accuracy"]) < 1e-6
-        assert abs(h1["meta_loss"] - h2["meta_loss"]) < 1e-5
+        assert abs(h1.get("meta_loss", 0.0) - h2.get("meta_loss", 0.0)) < 1e-5  # epoch 0 (the start) trains nothing
     assert json.loads((reference / "model.json").read_text())["best_epoch"] == two.best_epoch
 
 
