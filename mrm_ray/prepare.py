@@ -1,7 +1,7 @@
 """Convert the published PRISM or Reddit TL;DR preference files into the pairs table.
 
-  mrm prepare prism  --source DIR_OR_URI --out URI   # HannahRoseKirk/prism-alignment
-  mrm prepare reddit --source DIR_OR_URI --out URI   # openai/summarize_from_feedback "comparisons"
+  mrm prepare prism  --source DIR_OR_URI --out URI [--reference]   # HannahRoseKirk/prism-alignment
+  mrm prepare reddit --source DIR_OR_URI --out URI [--reference]   # openai/summarize_from_feedback "comparisons"
 
 PRISM (`conversations.jsonl`, optional `survey.jsonl`): a user is a `user_id`.
 In every turn the participant rated several model replies and the chosen one
@@ -9,14 +9,45 @@ continued the conversation, so each turn gives one pair per rejected reply
 (chosen vs that reply); the prompt is the earlier user turns and chosen
 replies plus this turn's user message.  Users with fewer than 6 conversations
 that yield pairs are dropped (as in LoRe and MRM), and each user's
-conversations are split 50/50 into train/test with a fixed seed.
+conversations are split 50/50 into train/test (the odd one to train) by a
+seeded per-user shuffle.  Our own rules where turns are irregular: a turn
+without a user message or without a non-empty chosen reply ends the
+conversation (later turns would continue a dialogue we cannot reconstruct); a
+turn with a chosen reply but no rejected one gives no pair but stays in the
+later context (it was said and answered); a turn with several chosen replies
+uses the first (the others are neither chosen nor rejected); empty rejected
+replies are skipped.
 
-Reddit TL;DR (OpenAI's JSON-lines batch files `comparisons/batch*.json`, or the
-Hugging Face export of the same columns as Parquet/JSONL): a user is a
+Reddit TL;DR (OpenAI's JSON-lines batch files `comparisons/batch*.json[.gz]`,
+or the Hugging Face export of the same columns as Parquet/JSONL): a user is a
 `worker`; pair = `summaries[choice]` vs the other summary; the prompt is the
-post (with its subreddit and title); `train` comparisons become train pairs,
-`valid1`/`valid2`/`validation` ones test pairs; workers present in only one
-split are dropped.  Rows without a Reddit post (the CNN/DM batches) are skipped.
+post (with its subreddit and title, or the bare post with --post-only);
+`train` comparisons become train pairs, `valid1`/`valid2`/`validation` ones
+test pairs; workers present in only one split are dropped; a comparison
+repeated across batch files counts once.  Rows without a Reddit post (the
+CNN/DM article comparisons of the validation split) are skipped, as are
+comparisons of two equal summaries.
+
+--reference reproduces the reference code's preprocessing and splits instead
+(what the `prism` and `reddit` presets of `mrm train` expect):
+  PRISM: users who took the survey (num_completed_conversations > 0); a turn
+    missing its user message, chosen or rejected reply is skipped without
+    ending the conversation (nor entering the later context); users keep
+    conversations with at least one such turn, and need 6; the train/test split
+    shuffles a user's conversations (file order) with
+    random.Random(seed + md5(user_id) % 2**32) and puts the first floor(n/2) in
+    train (seed: train.py's --seed, 42).
+  Reddit: the bare post as the prompt; no de-duplication; the CNN/DM rows are
+    kept (the reference passes their missing post on; here: an empty message).
+  pair_id is `<user>/<position>` in the reference's own order (train items
+  first), which the `reddit`/`prism` presets read back; with Reddit, give the
+  Hugging Face export (train files sort before validation files) for the
+  reference's row order.
+
+Every file under --source is read or refused with one line: JSON lines (.json,
+.jsonl, optionally .gz) and Parquet; a `datasets.save_to_disk` folder, the
+`axis` files and anything else are refused by name.  README/LICENSE files and
+dotfiles are ignored (and said so).
 """
 from __future__ import annotations
 
@@ -24,6 +55,7 @@ import argparse
 import hashlib
 import json
 import logging
+import random
 from collections import defaultdict
 
 import numpy as np
@@ -39,23 +71,30 @@ log = logging.getLogger(__name__)
 
 PRISM_CONVERSATIONS, PRISM_SURVEY = "conversations.jsonl", "survey.jsonl"
 MIN_CONVERSATIONS = 6
-SPLIT_SEED = 123  # the reference preprocessing's seed
+SPLIT_SEED = 123      # seed of our per-user PRISM split (any fixed value: a user's split depends on it alone)
+REFERENCE_SEED = 42   # the reference's train.py --seed: its per-user PRISM split is made there, with it
 _TEST_SPLITS = {"valid", "valid1", "valid2", "validation", "test"}
+_DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".json.gz", ".jsonl.gz")
+_IGNORED_PREFIXES = ("readme", "license", "licence")
 
 
 # --- reading published files ---------------------------------------------------
 def _read_records(uri: str) -> list[dict]:
-    """All records of one .jsonl/.json (JSON lines) or .parquet file, local or s3://."""
+    """All records of one .jsonl/.json (JSON lines, optionally gzipped) or .parquet file, local or s3://."""
     fs, path = storage.resolve(uri)
     try:
         if path.endswith(".parquet"):
             return pq.read_table(path, filesystem=fs).to_pylist()
-        with fs.open_input_stream(path) as f:
-            data = f.read().decode("utf-8")
+        with fs.open_input_stream(path) as f:   # pyarrow decompresses .gz by the extension
+            data = f.read().decode("utf-8-sig")  # a byte-order mark is fine
     except FileNotFoundError:
         raise UserError(f"no file at {uri}") from None
-    except OSError as e:
+    except UnicodeDecodeError as e:
+        raise UserError(f"{uri} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except (OSError, EOFError) as e:
         raise storage.StorageError(f"cannot read {uri}: {str(e).splitlines()[0]}") from None
+    except pa.ArrowException as e:
+        raise UserError(f"{uri} is not a readable Parquet file ({str(e).splitlines()[0]})") from None
     records = []
     for n, line in enumerate(data.splitlines(), 1):
         if line.strip():
@@ -74,7 +113,8 @@ def _field(record: dict, name: str, where: str):
 
 
 def _data_files(source: str) -> list[str]:
-    """JSON/JSONL/Parquet files under a folder (sorted, recursive) or the one file given."""
+    """The data files under a folder (sorted, recursive) or the one file given.  Anything else under
+    the folder is refused by name, so no file is skipped silently."""
     fs, path = storage.resolve(source)
     try:
         info = fs.get_file_info(path)
@@ -85,9 +125,27 @@ def _data_files(source: str) -> list[str]:
         found = fs.get_file_info(pafs.FileSelector(path, recursive=True))
     except OSError as e:
         raise storage.StorageError(f"cannot reach {source}: {str(e).splitlines()[0]}") from None
-    files = sorted(f.path[len(path):].lstrip("/") for f in found if f.type == pafs.FileType.File
-                   and f.base_name.endswith((".json", ".jsonl", ".parquet")) and not f.base_name.startswith((".", "_")))
-    return [storage.join(source, f) for f in files]
+    names = {f.base_name for f in found if f.type == pafs.FileType.File}
+    if "state.json" in names and any(n.endswith(".arrow") for n in names):
+        raise UserError(f"{source} is a `datasets.save_to_disk` folder; write it as Parquet "
+                        f"(dataset.to_parquet(...)) or point --source at the original files")
+    files, ignored = [], []
+    for f in sorted(found, key=lambda f: f.path):
+        if f.type != pafs.FileType.File:
+            continue
+        rel = f.path[len(path):].lstrip("/")
+        low = f.base_name.lower()
+        if low.startswith(".") or low.startswith(_IGNORED_PREFIXES) or rel.startswith("."):
+            ignored.append(rel)
+        elif low.endswith(_DATA_SUFFIXES):
+            files.append(storage.join(source, rel))
+        else:
+            raise UserError(f"{storage.join(source, rel)} is not a dataset file this command reads "
+                            f"(JSON lines .json/.jsonl[.gz] or .parquet); move it out of --source")
+    if ignored:
+        log.info("ignoring %d documentation/hidden file(s) under %s: %s", len(ignored), source,
+                 ", ".join(ignored[:5]))
+    return files
 
 
 def _message_list(messages: list[tuple[str, str]]) -> list[dict]:
@@ -159,12 +217,7 @@ def split_by_conversation(pairs: list[dict], seed: int = SPLIT_SEED) -> list[dic
 
 
 def prepare_prism(source: str, min_conversations: int = MIN_CONVERSATIONS, seed: int = SPLIT_SEED) -> pa.Table:
-    src = source.rstrip("/")
-    if src.endswith(PRISM_CONVERSATIONS):
-        src = src[: -len(PRISM_CONVERSATIONS)].rstrip("/")
-    conv_uri, survey_uri = storage.join(src, PRISM_CONVERSATIONS), storage.join(src, PRISM_SURVEY)
-    if not storage.exists(conv_uri):
-        raise UserError(f"no {PRISM_CONVERSATIONS} in {source} (expected the files of HannahRoseKirk/prism-alignment)")
+    conv_uri, survey_uri = _prism_files(source)
     pairs = []
     for n, rec in enumerate(_read_records(conv_uri), 1):
         pairs += prism_conversation_pairs(rec, f"{conv_uri} line {n}")
@@ -182,6 +235,90 @@ def prepare_prism(source: str, min_conversations: int = MIN_CONVERSATIONS, seed:
     if not pairs:
         raise UserError(f"no PRISM user in {source} has {min_conversations} or more conversations with pairs")
     return _pairs_table(split_by_conversation(pairs, seed))
+
+
+def _prism_files(source: str) -> tuple[str, str]:
+    src = source.rstrip("/")
+    if src.endswith(PRISM_CONVERSATIONS):
+        src = src[: -len(PRISM_CONVERSATIONS)].rstrip("/")
+    conv_uri, survey_uri = storage.join(src, PRISM_CONVERSATIONS), storage.join(src, PRISM_SURVEY)
+    if not storage.exists(conv_uri):
+        raise UserError(f"no {PRISM_CONVERSATIONS} in {source} (expected the files of HannahRoseKirk/prism-alignment)")
+    return conv_uri, survey_uri
+
+
+def _reference_ids(user: str, items: list[list[dict]]) -> list[dict]:
+    """Number a user's pairs `<user>/<position>` in the given order (pair_id order = the reference's)."""
+    rows, k = [], 0
+    for group in items:
+        for p in group:
+            rows.append({**p, C.PAIR_ID: f"{user}/{k:06d}"})
+            k += 1
+    return rows
+
+
+def prepare_prism_reference(source: str, min_conversations: int = MIN_CONVERSATIONS,
+                            seed: int = REFERENCE_SEED) -> pa.Table:
+    """PRISM as the reference's preprocess_prism.py + train.py build it (see the module docstring)."""
+    conv_uri, survey_uri = _prism_files(source)
+    if not storage.exists(survey_uri):
+        raise UserError(f"--reference needs {PRISM_SURVEY} next to {PRISM_CONVERSATIONS} (the reference keeps "
+                        f"the users who took the survey)")
+    surveyed = set()
+    for n, r in enumerate(_read_records(survey_uri), 1):
+        if r.get("num_completed_conversations", 1) != 0:
+            surveyed.add(str(_field(r, "user_id", f"{survey_uri} line {n}")))
+    dialogs: dict[str, list[tuple[str, list[dict]]]] = defaultdict(list)
+    empty = 0
+    for n, rec in enumerate(_read_records(conv_uri), 1):
+        where = f"{conv_uri} line {n}"
+        user, conv_id = str(_field(rec, "user_id", where)), str(_field(rec, "conversation_id", where))
+        if user not in surveyed:
+            continue
+        turns: dict[int, dict] = defaultdict(lambda: {"user": [], "chosen": [], "rejected": []})
+        for k, utt in enumerate(_field(rec, "conversation_history", where)):
+            at = f"{where} conversation_history[{k}]"
+            t = turns[int(_field(utt, "turn", at))]
+            if _field(utt, "role", at) == "user":
+                t["user"].append(str(_field(utt, "content", at)))
+            else:
+                t["chosen" if _field(utt, "if_chosen", at) else "rejected"].append(str(utt.get("content") or ""))
+        pairs, context = [], []
+        for t in sorted(turns):
+            turn = turns[t]
+            if not (turn["user"] and turn["chosen"] and turn["rejected"]):
+                continue  # an unqualified turn: no pairs, and not part of later contexts
+            prompt = _message_list(context + [("user", turn["user"][0])])
+            for rejected in turn["rejected"]:
+                if turn["chosen"][0].strip() and rejected.strip():
+                    pairs.append({C.USER_ID: user, C.CONV_ID: conv_id, C.PROMPT: prompt,
+                                  C.CHOSEN: turn["chosen"][0], C.REJECTED: rejected})
+                else:
+                    empty += 1
+            context += [("user", turn["user"][0]), ("assistant", turn["chosen"][0])]
+        if pairs:
+            dialogs[user].append((conv_id, pairs))
+    rows = []
+    for user, convs in dialogs.items():
+        if len(convs) < min_conversations:
+            continue
+        order = [c for c, _ in convs]
+        random.Random(reference_user_seed(seed, user)).shuffle(order)
+        by_id = dict(convs)
+        n_train = len(order) // 2
+        items = [[{**p, C.SPLIT: C.TRAIN if i < n_train else C.TEST} for p in by_id[c]] for i, c in enumerate(order)]
+        rows += _reference_ids(user, items)
+    log.info("PRISM (reference preprocessing): %d pairs of %d users (%d with >= %d conversations); "
+             "%d pairs with an empty reply skipped", len(rows), len(dialogs),
+             len({r[C.USER_ID] for r in rows}), min_conversations, empty)
+    if not rows:
+        raise UserError(f"no PRISM user in {source} has {min_conversations} or more conversations with pairs")
+    return _pairs_table(rows)
+
+
+def reference_user_seed(seed: int, user_id: str) -> int:
+    from mrm_ray.reference import user_seed
+    return user_seed(seed, user_id)
 
 
 # --- Reddit TL;DR ------------------------------------------------------------------
@@ -206,6 +343,9 @@ def reddit_prompt(info: dict, post_only: bool = False) -> str:
 
 def reddit_pair(record: dict, file: str, where: str, post_only: bool = False) -> dict | None:
     """One pair of a comparison record, or None for a row that is not a Reddit comparison."""
+    if isinstance(record, dict) and "axes" in record and "summaries" not in record:
+        raise UserError(f"{where} is a record of the summarize_from_feedback `axis` files (ratings of single "
+                        f"summaries); `mrm prepare reddit` reads the `comparisons` files")
     worker = str(_field(record, "worker", where))
     info = _field(record, "info", where)
     summaries = _field(record, "summaries", where)
@@ -226,6 +366,44 @@ def reddit_pair(record: dict, file: str, where: str, post_only: bool = False) ->
     # conv_id = the post: one worker's comparisons of the same post stay on one side of support/query.
     return {C.USER_ID: worker, C.PAIR_ID: f"{worker}-{post_id}-{digest}", C.CONV_ID: post_id, C.SPLIT: split,
             C.PROMPT: _message_list([("user", reddit_prompt(info, post_only))]), C.CHOSEN: chosen, C.REJECTED: rejected}
+
+
+def prepare_reddit_reference(source: str) -> pa.Table:
+    """Reddit TL;DR as the reference's preprocess_reddit.py builds it (see the module docstring)."""
+    files = _data_files(source)
+    if not files:
+        raise UserError(f"no .json/.jsonl/.parquet comparison files under {source}")
+    lists: dict[str, dict[str, list[dict]]] = defaultdict(lambda: {C.TRAIN: [], C.TEST: []})
+    empty = 0
+    for file in files:
+        for n, rec in enumerate(_read_records(file), 1):
+            where = f"{file} record {n}"
+            if isinstance(rec, dict) and "axes" in rec and "summaries" not in rec:
+                reddit_pair(rec, file, where)  # refuses with the reason
+            worker, info = str(_field(rec, "worker", where)), _field(rec, "info", where)
+            summaries, choice = _field(rec, "summaries", where), int(_field(rec, "choice", where))
+            split = _split_of(rec, file)
+            if split is None:
+                raise UserError(f"{where} has no usable field 'split' (train/valid1/valid2) and its file name names none")
+            if len(summaries) != 2 or choice not in (0, 1):
+                raise UserError(f"{where} field 'summaries' must hold 2 summaries and 'choice' be 0 or 1")
+            texts = [str(_field(s, "text", f"{where} summaries[{k}]")) for k, s in enumerate(summaries)]
+            if not texts[choice].strip() or not texts[1 - choice].strip():
+                empty += 1
+                continue
+            lists[worker][split].append({C.USER_ID: worker, C.SPLIT: split, C.CHOSEN: texts[choice],
+                                         C.REJECTED: texts[1 - choice],
+                                         C.PROMPT: _message_list([("user", str(info.get("post") or ""))])})
+    rows = []
+    for worker, by_split in lists.items():
+        if by_split[C.TRAIN] and by_split[C.TEST]:
+            rows += [{**r, C.CONV_ID: r[C.PAIR_ID]} for r in _reference_ids(worker, [by_split[C.TRAIN], by_split[C.TEST]])]
+    log.info("Reddit TL;DR (reference preprocessing): %d pairs of %d workers present in both splits "
+             "(of %d); %d comparisons with an empty summary skipped", len(rows),
+             len({r[C.USER_ID] for r in rows}), len(lists), empty)
+    if not rows:
+        raise UserError(f"no worker in {source} has comparisons in both the train and the validation split")
+    return _pairs_table(rows)
 
 
 def prepare_reddit(source: str, post_only: bool = False) -> pa.Table:
@@ -263,14 +441,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="where the pairs table goes (written atomically)")
     p.add_argument("--min-conversations", type=int, default=MIN_CONVERSATIONS,
                    help="PRISM: drop users with fewer conversations that yield pairs")
-    p.add_argument("--seed", type=int, default=SPLIT_SEED, help="PRISM: seed of the per-user train/test split")
+    p.add_argument("--seed", type=int,
+                   help=f"PRISM: seed of the per-user train/test split (default {SPLIT_SEED}; with --reference "
+                        f"{REFERENCE_SEED}, the reference train.py's --seed, which must match mrm train's seed)")
     p.add_argument("--post-only", action="store_true",
                    help="Reddit: prompt = the post text alone (the MRM reference) instead of subreddit+title+post")
+    p.add_argument("--reference", action="store_true",
+                   help="reproduce the reference code's preprocessing and train/test split exactly (for the "
+                        "prism / reddit presets of mrm train; see the command's description)")
 
 
 def run(args) -> int:
+    if args.min_conversations < 1:
+        raise UserError("--min-conversations must be >= 1")
     if args.dataset == "prism":
-        table = prepare_prism(args.source, args.min_conversations, args.seed)
+        seed = args.seed if args.seed is not None else (REFERENCE_SEED if args.reference else SPLIT_SEED)
+        table = (prepare_prism_reference if args.reference else prepare_prism)(args.source, args.min_conversations, seed)
+    elif args.reference:
+        if args.post_only:
+            log.info("--reference already uses the bare post as the prompt")
+        table = prepare_reddit_reference(args.source)
     else:
         table = prepare_reddit(args.source, args.post_only)
     storage.write_table(table, args.out)

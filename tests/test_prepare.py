@@ -175,3 +175,114 @@ def test_prepare_reads_s3(tmp_path, s3_bucket):
     storage.write_bytes(f"{s3_bucket}/raw/batch.jsonl", (src / "batch.jsonl").read_bytes())
     assert cli.main(["prepare", "reddit", "--source", f"{s3_bucket}/raw", "--out", f"{s3_bucket}/pairs"]) == 0
     check_reddit(storage.read_table(f"{s3_bucket}/pairs"))
+
+
+# --- the reference's preprocessing (--reference) -------------------------------------------
+def _reference_prism_split(user: str, convs: list[str], seed: int = 42) -> set[str]:
+    """train.py's split, transcribed: file order, shuffled by Random(seed + md5 % 2**32), floor(n/2) train."""
+    import hashlib
+    import random
+    order = list(convs)
+    random.Random(seed + int(hashlib.md5(user.encode("utf-8")).hexdigest(), 16) % 2**32).shuffle(order)
+    return set(order[: len(order) // 2])
+
+
+def test_prism_reference_split_and_pairs(tmp_path):
+    records = [prism_conversation("user1", f"c1_{c}", n_turns=2) for c in range(7)]
+    # a turn without a rejected reply: skipped, and NOT in the next turn's context (the reference)
+    odd = prism_conversation("user1", "c1_odd", n_turns=3)
+    odd["conversation_history"] = [u for u in odd["conversation_history"]
+                                   if not (u["turn"] == 1 and u["role"] == "model" and not u["if_chosen"])]
+    records.append(odd)
+    records += [prism_conversation("user2", f"c2_{c}", n_turns=1) for c in range(6)]
+    write_jsonl(tmp_path / "p" / "conversations.jsonl", records)
+    write_jsonl(tmp_path / "p" / "survey.jsonl", [{"user_id": "user1", "num_completed_conversations": 8},
+                                                  {"user_id": "user2", "num_completed_conversations": 6}])
+    out = tmp_path / "o"
+    assert cli.main(["prepare", "prism", "--source", str(tmp_path / "p"), "--out", str(out), "--reference"]) == 0
+    rows = C.normalize_pairs(storage.read_table(str(out))).to_pylist()
+    for user, convs in (("user1", [f"c1_{c}" for c in range(7)] + ["c1_odd"]), ("user2", [f"c2_{c}" for c in range(6)])):
+        mine = [r for r in rows if r[C.USER_ID] == user]
+        assert {r[C.CONV_ID] for r in mine if r[C.SPLIT] == C.TRAIN} == _reference_prism_split(user, convs)
+        # pair ids number the reference's order: train conversations (shuffled order) first
+        ordered = sorted(mine, key=lambda r: r[C.PAIR_ID])
+        first_test = next(i for i, r in enumerate(ordered) if r[C.SPLIT] == C.TEST)
+        assert all(r[C.SPLIT] == C.TEST for r in ordered[first_test:])
+    third = [r for r in rows if r[C.CONV_ID] == "c1_odd" and r[C.CHOSEN] == "c1_odd reply 2.0"]
+    assert len(third) == 1 and [m["content"] for m in third[0][C.PROMPT]] == [
+        "c1_odd user says 0", "c1_odd reply 0.1", "c1_odd user says 2"]          # turn 1 left out
+    # ours keeps the turn without a rejected reply in the later context (it was said, and answered)
+    assert cli.main(["prepare", "prism", "--source", str(tmp_path / "p"), "--out", str(tmp_path / "ours")]) == 0
+    ours = C.normalize_pairs(storage.read_table(str(tmp_path / "ours"))).to_pylist()
+    third = [r for r in ours if r[C.CONV_ID] == "c1_odd" and r[C.CHOSEN] == "c1_odd reply 2.0"]
+    assert [m["content"] for m in third[0][C.PROMPT]] == [
+        "c1_odd user says 0", "c1_odd reply 0.1", "c1_odd user says 1", "c1_odd reply 1.0", "c1_odd user says 2"]
+
+
+def test_prism_reference_needs_the_survey(tmp_path, capsys):
+    write_jsonl(tmp_path / "p" / "conversations.jsonl", [prism_conversation("u", "c", 1)])
+    assert cli.main(["prepare", "prism", "--source", str(tmp_path / "p"), "--out", str(tmp_path / "o"),
+                     "--reference"]) == 2
+    assert "survey.jsonl" in capsys.readouterr().err
+
+
+def test_reddit_reference_keeps_order_cnn_rows_and_repeats(tmp_path):
+    recs = reddit_records()
+    (tmp_path / "hf" / "comparisons").mkdir(parents=True)
+    for name, keep in (("train", lambda r: r["split"] == "train"), ("validation", lambda r: r["split"] != "train")):
+        part = [{k: v for k, v in r.items() if k != "split"} for r in recs if keep(r)]
+        pq.write_table(pa.Table.from_pylist(part), tmp_path / "hf" / "comparisons" / f"{name}-00000-of-00001.parquet")
+    out = tmp_path / "o"
+    assert cli.main(["prepare", "reddit", "--source", str(tmp_path / "hf"), "--out", str(out), "--reference"]) == 0
+    rows = sorted(C.normalize_pairs(storage.read_table(str(out))).to_pylist(), key=lambda r: r[C.PAIR_ID])
+    w1 = [r for r in rows if r[C.USER_ID] == "w1"]
+    # train comparisons in file order (the CNN/DM row and the repeat kept), then validation
+    assert [r[C.SPLIT] for r in w1] == [C.TRAIN] * 6 + [C.TEST] * 2
+    assert [r[C.CHOSEN] for r in w1[:4]] == ["summary t3_w10 0 A", "summary t3_w11 1 B",
+                                              "summary t3_w12 2 A", "summary t3_w13 3 B"]
+    assert w1[4][C.PROMPT] == [{"role": "user", "content": ""}]                # the CNN/DM row: no post
+    assert w1[0][C.PROMPT] == [{"role": "user", "content": "a post"}]         # the bare post
+    assert all(r[C.CONV_ID] == r[C.PAIR_ID] for r in rows)                    # every pair its own conversation
+    assert {r[C.USER_ID] for r in rows} == {"w1", "w2"}
+
+
+# --- every input file read or refused ----------------------------------------------------------
+def test_reddit_gzip_and_bom_files_are_read(tmp_path):
+    import gzip
+    recs = reddit_records()
+    src = tmp_path / "src" / "comparisons"
+    src.mkdir(parents=True)
+    half = len(recs) // 2
+    (src / "batch3.json").write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\n" for r in recs[:half]).encode())
+    (src / "batch4.json.gz").write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in recs[half:]).encode()))
+    (src / "README.md").write_text("notes")                                      # documentation: ignored, said so
+    assert cli.main(["prepare", "reddit", "--source", str(tmp_path / "src"), "--out", str(tmp_path / "o")]) == 0
+    check_reddit(storage.read_table(str(tmp_path / "o")))
+
+
+@pytest.mark.parametrize("name, content, expect", [
+    ("notes.csv", b"a,b", "is not a dataset file"),
+    ("bad.json", b"\xff\xfe not utf-8", "is not UTF-8"),
+])
+def test_reddit_unreadable_files_are_refused(tmp_path, capsys, name, content, expect):
+    write_jsonl(tmp_path / "src" / "batch1.json", reddit_records())
+    (tmp_path / "src" / name).write_bytes(content)
+    assert cli.main(["prepare", "reddit", "--source", str(tmp_path / "src"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expect in err and name in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_save_to_disk_folder_and_axis_files_are_named(tmp_path, capsys):
+    d = tmp_path / "disk"
+    d.mkdir()
+    (d / "state.json").write_text("{}")
+    (d / "dataset_info.json").write_text("{}")
+    (d / "data-00000-of-00001.arrow").write_bytes(b"x")
+    assert cli.main(["prepare", "reddit", "--source", str(d), "--out", str(tmp_path / "o")]) == 2
+    assert "save_to_disk" in capsys.readouterr().err
+    axis = {"info": {"id": "p", "post": "x"}, "summary": {"text": "s"}, "split": "train", "worker": "w",
+            "axes": {"overall": 5}}
+    write_jsonl(tmp_path / "axis" / "batch1.json", [axis])
+    assert cli.main(["prepare", "reddit", "--source", str(tmp_path / "axis"), "--out", str(tmp_path / "o")]) == 2
+    assert "`axis` files" in capsys.readouterr().err
