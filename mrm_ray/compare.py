@@ -101,7 +101,7 @@ def train_and_evaluate_mrm(key: str, args, embeddings: str, out: str) -> tuple[r
 
 # --- baselines: in memory ----------------------------------------------------------------
 def load_population(embeddings: str) -> tasks.UserPairs:
-    schema = storage.schema(embeddings)
+    schema = storage.check_table(embeddings)
     C.require_columns(schema, C.EMBEDDINGS_REQUIRED, "embeddings")
     cols = [c for c in (C.USER_ID, C.PAIR_ID, C.CONV_ID, C.SPLIT, C.CHOSEN_EMB, C.REJECTED_EMB) if c in schema.names]
     shard = tasks.user_pairs_from_table(C.normalize_embeddings(storage.read_table(embeddings, columns=cols)))
@@ -292,6 +292,11 @@ def write_plots(out: str, report: dict) -> None:
 def compare(args) -> dict:
     """Train/fit every method, score them on one split, write the report into args.out."""
     t_start, out = time.time(), args.out
+    # the report folder is compare's: an unfinished one is continued (its runs resume), a finished one
+    # is redone only with --overwrite, anything else is refused
+    storage.check_output(out, "compare", [args.embeddings], overwrite=True)   # ownership, before reading anything
+    shard = load_population(args.embeddings)   # validates the whole table before any training
+    storage.claim_folder(out, "compare", [args.embeddings], overwrite=getattr(args, "overwrite", False), resume=True)
     methods = list(getattr(args, "methods", None) or DEFAULT_METHODS)
     variants = [k for k in MRM_VARIANTS if k in methods]
     results = {}
@@ -300,8 +305,6 @@ def compare(args) -> dict:
         results[key] = train_and_evaluate_mrm(key, args, args.embeddings, out)
     run = results["mrm_rpo"][0]
     cfg = run.cfg
-    log.info("compare: loading %s for the baselines", args.embeddings)
-    shard = load_population(args.embeddings)
     users = run.users()
     seen_ids = users.filter(pc.and_(users.column("seen"), pc.invert(users.column("skipped")))).column("user_id")
     seen = pc.is_in(pa.array(shard.user_ids.astype(str)), pa.array(seen_ids.to_numpy(zero_copy_only=False).astype(str)))
@@ -346,11 +349,12 @@ def compare(args) -> dict:
         "runs": {key: storage.join(out, "runs", key) for key in variants},
         "config": config_mod.to_dict(cfg),
     }
-    storage.write_table(per_user, storage.join(out, "per_user.parquet"))
+    storage.write_table(per_user, storage.join(out, "per_user.parquet"), "compare", overwrite=True)
     write_plots(out, report)
     storage.write_bytes(storage.join(out, "comparison.md"), markdown(report).encode())
     report["seconds"] = time.time() - t_start
-    storage.write_json(storage.join(out, "comparison.json"), report)  # last: its presence means complete
+    storage.write_json(storage.join(out, "comparison.json"), report)
+    storage.finish_folder(out, "compare", ["comparison.json", "comparison.md", "per_user.parquet", "runs"])
     return report
 
 
@@ -363,6 +367,7 @@ def add_arguments(p) -> None:
     p.add_argument("--epochs", type=int, help="MRM meta-training epochs (same as epochs=N)")
     p.add_argument("--questions", type=int, default=8, help="active onboarding: questions per unseen user")
     p.add_argument("--ray", action="store_true", help="train the MRM variants with Ray Train instead of in-process")
+    p.add_argument("--overwrite", action="store_true", help="redo a finished comparison at --out")
     p.add_argument("--methods", type=lambda s: [m.strip() for m in s.split(",") if m.strip()],
                    default=list(DEFAULT_METHODS),
                    help="comma-separated methods, of: " + ", ".join(k for k, _ in METHODS if k != "oracle")

@@ -143,6 +143,8 @@ def _check(cfg: TrainConfig) -> None:
         (0 <= cfg.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
         (cfg.min_train_pairs >= 1, "min_train_pairs must be >= 1"),
         (cfg.num_workers >= 1, "num_workers must be >= 1"),
+        (cfg.cpus_per_worker > 0, "cpus_per_worker must be > 0"),
+        (cfg.max_failures >= -1, "max_failures must be >= 0, or -1 (retry forever)"),
         (cfg.eval_every >= 1, "eval_every must be >= 1"),
         (cfg.model.n_heads >= 1 or (cfg.model.n_heads == 0 and cfg.model.init == "data"),
          "model.n_heads must be >= 1 (0 = chosen by cross-validation, with model.init=data)"),

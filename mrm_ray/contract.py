@@ -103,6 +103,16 @@ def _require_nonempty_strings(table, column: str, what: str) -> None:
         raise ContractError(f"{what} column {column!r} has empty values: {_sample(table, bad.to_numpy(zero_copy_only=False), 'empty or null')}")
 
 
+def _require_utf8(table, what: str) -> None:
+    """Parquet does not promise valid UTF-8 in string columns; a tokenizer would fail far from here."""
+    for name in table.column_names:
+        col = table.column(name)
+        try:
+            col.validate(full=True)
+        except pa.ArrowInvalid as e:
+            raise ContractError(f"{what} column {name!r} is not valid UTF-8 text ({str(e).splitlines()[0][:80]})") from None
+
+
 def _fill_string(table, column: str, default_from: str | None = None, value: str | None = None):
     """Add `column` when absent (copying `default_from` or a constant); cast to string."""
     if column not in table.column_names:
@@ -118,8 +128,9 @@ def _fill_string(table, column: str, default_from: str | None = None, value: str
     return table.set_column(table.schema.get_field_index(column), column, col)
 
 
-def _check_split(table, what: str) -> None:
-    bad = pc.invert(pc.is_in(table.column(SPLIT), pa.array(SPLITS)))
+def check_split(table, what: str) -> None:
+    """split is 'train' or 'test' (null counts as train)."""
+    bad = pc.fill_null(pc.invert(pc.is_in(table.column(SPLIT), pa.array(SPLITS))), False)
     if pc.any(bad).as_py():
         bad_np = bad.to_numpy(zero_copy_only=False)
         value = table.column(SPLIT)[int(np.flatnonzero(bad_np)[0])].as_py()
@@ -144,7 +155,7 @@ def _normalize_keys(table, what: str):
                                 f"{_sample(table, pc.is_null(table.column(c)).to_numpy(zero_copy_only=False), 'null')}")
     table = _fill_string(table, CONV_ID, default_from=PAIR_ID)
     table = _fill_string(table, SPLIT, value=TRAIN)
-    _check_split(table, what)
+    check_split(table, what)
     _check_unique(table, PAIR_ID, what)
     return table
 
@@ -177,6 +188,7 @@ def normalize_pairs(table: pa.Table, what: str = "pairs") -> pa.Table:
     if isinstance(table, pa.RecordBatch):
         table = pa.Table.from_batches([table])
     require_columns(table, PAIRS_REQUIRED, what)
+    _require_utf8(table, what)
     for c in (CHOSEN, REJECTED):
         _require_nonempty_strings(table, c, what)
     table = _normalize_keys(table, what)
@@ -211,16 +223,24 @@ def emb_matrix(column, what: str = "embeddings", name: str = "") -> np.ndarray:
         values = column.flatten()
     else:
         raise ContractError(f"{what} column {name!r} must be a list of floats, got {t}")
-    if not (pa.types.is_floating(values.type) or pa.types.is_integer(values.type)):
-        raise ContractError(f"{what} column {name!r} must hold floats, got {values.type}")
+    if not pa.types.is_floating(values.type):
+        raise ContractError(f"{what} column {name!r} must hold floats (float16/32/64), got {values.type}")
     arr = values.to_numpy(zero_copy_only=False)
     return arr.astype(np.float32, copy=False).reshape(len(column), d)
 
 
-def _check_finite(table, mat: np.ndarray, name: str, what: str) -> None:
+MAX_ABS = 1e12  # no backbone's hidden state comes near: a larger value is a corrupt or unscaled table
+
+
+def check_values(table, mat: np.ndarray, name: str, what: str) -> None:
+    """An embedding matrix's values: finite, and within +-MAX_ABS (one line naming a sample row)."""
     bad = ~np.isfinite(mat).all(axis=1)
     if bad.any():
         raise ContractError(f"{what} column {name!r} has non-finite values (NaN/inf): {_sample(table, bad, 'affected')}")
+    huge = (np.abs(mat) > MAX_ABS).any(axis=1)
+    if huge.any():
+        raise ContractError(f"{what} column {name!r} has values beyond +-{MAX_ABS:g} (a corrupt or unscaled "
+                            f"table): {_sample(table, huge, 'affected')}")
 
 
 def normalize_embeddings(table: pa.Table, what: str = "embeddings", dim: int | None = None) -> pa.Table:
@@ -238,7 +258,7 @@ def normalize_embeddings(table: pa.Table, what: str = "embeddings", dim: int | N
     dims = set()
     for name in (CHOSEN_EMB, REJECTED_EMB):
         mat = emb_matrix(table.column(name), what, name)
-        _check_finite(table, mat, name, what)
+        check_values(table, mat, name, what)
         dims.add(mat.shape[1])
         out[name] = pa.FixedSizeListArray.from_arrays(pa.array(mat.reshape(-1)), mat.shape[1])
     if len(dims) > 1:
@@ -251,13 +271,69 @@ def normalize_embeddings(table: pa.Table, what: str = "embeddings", dim: int | N
     return pa.table(out)
 
 
+class UniqueIds:
+    """Whole-table uniqueness of an id column, streamed: each id becomes a 128-bit hash (two keyed
+    64-bit hashes; a false alarm needs ~2^64 ids) and the hashes are spread over buckets on disk,
+    so memory stays bounded whatever the table's size.
+
+        ids = UniqueIds("pair_id", "embeddings")
+        for batch in ...: ids.add(batch.column("pair_id"))
+        ids.check()
+    """
+
+    BUCKETS = 64
+    SPILL = 4_000_000   # ids held in memory before their hashes are written out
+    KEYS = ("mrm-unique-ids-1", "mrm-unique-ids-2")
+
+    def __init__(self, column: str, what: str):
+        import tempfile
+        self.column, self.what = column, what
+        self.dir = tempfile.TemporaryDirectory(prefix="mrm-unique-")
+        self.pending: list[np.ndarray] = []
+        self.held = 0
+
+    def add(self, ids) -> None:
+        import pandas as pd
+        values = np.asarray(ids.to_pylist() if hasattr(ids, "to_pylist") else ids, dtype=object)
+        h = np.stack([pd.util.hash_array(values, hash_key=k, categorize=False) for k in self.KEYS], axis=1)
+        self.pending.append(h)
+        self.held += len(h)
+        if self.held >= self.SPILL:
+            self._spill()
+
+    def _spill(self) -> None:
+        if not self.pending:
+            return
+        h = np.concatenate(self.pending)
+        bucket = (h[:, 0] % np.uint64(self.BUCKETS)).astype(np.int64)
+        for b in np.unique(bucket):
+            with open(f"{self.dir.name}/{b}.u64", "ab") as f:
+                h[bucket == b].tofile(f)
+        self.pending, self.held = [], 0
+
+    def check(self) -> None:
+        """Raise a ContractError when some id appears more than once."""
+        import os
+        self._spill()
+        try:
+            for name in os.listdir(self.dir.name):
+                h = np.fromfile(f"{self.dir.name}/{name}", dtype=np.uint64).reshape(-1, 2)
+                h = h[np.lexsort((h[:, 1], h[:, 0]))]
+                dup = (h[1:] == h[:-1]).all(axis=1)
+                if dup.any():
+                    raise ContractError(f"{self.what} column {self.column!r} must be unique across the whole "
+                                        f"table; {int(dup.sum())} id(s) appear more than once")
+        finally:
+            self.dir.cleanup()
+
+
 def normalize_candidates(table: pa.Table, what: str = "candidates", dim: int | None = None) -> pa.Table:
     if isinstance(table, pa.RecordBatch):
         table = pa.Table.from_batches([table])
     require_columns(table, CANDIDATES_REQUIRED, what)
     table = _fill_string(_fill_string(table, USER_ID), CANDIDATE_ID)
     mat = emb_matrix(table.column(EMB), what, EMB)
-    _check_finite(table, mat, EMB, what)
+    check_values(table, mat, EMB, what)
     if dim is not None and table.num_rows and mat.shape[1] != dim:
         raise ContractError(f"{what} embedding dimension {mat.shape[1]} does not match the expected {dim}")
     return pa.table({USER_ID: table.column(USER_ID), CANDIDATE_ID: table.column(CANDIDATE_ID),

@@ -33,7 +33,7 @@ def candidates_from_embeddings(emb_uri: str, out_uri: str) -> None:
                   C.CANDIDATE_ID: pc.binary_join_element_wise(t.column(C.PAIR_ID), side, ":"),
                   C.EMB: t.column(col)})
         for side, col in (("chosen", C.CHOSEN_EMB), ("rejected", C.REJECTED_EMB))])
-    storage.write_table(cands, out_uri)
+    storage.write_table(cands, out_uri, "demo", overwrite=True)
 
 
 def pairwise_accuracy_from_scores(scores_uri: str) -> float:
@@ -60,6 +60,8 @@ def run(args) -> int:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     w = args.workdir.rstrip("/")
     paths = {k: storage.join(w, k) for k in ("pairs", "embeddings", "run", "candidates", "scores", "export")}
+    # the demo owns its work directory: a previous demo there is redone, anything else is refused
+    storage.claim_folder(w, "demo", overwrite=True)
     t0, steps = time.time(), []
 
     def step(name, argv):
@@ -71,8 +73,8 @@ def run(args) -> int:
         steps.append({"step": name, "seconds": round(time.time() - t, 1)})
 
     step("synth", ["synth", "--kind", "text", "--out", paths["pairs"], "--users", str(args.users),
-                   "--pairs-per-user", str(args.pairs_per_user), "--seed", "0"])
-    step("embed", ["embed", "--pairs", paths["pairs"], "--out", paths["embeddings"],
+                   "--pairs-per-user", str(args.pairs_per_user), "--seed", "0", "--overwrite"])
+    step("embed", ["embed", "--pairs", paths["pairs"], "--out", paths["embeddings"], "--overwrite",
                    *(["--model", args.model] if args.model else [])])
     overrides = [f"num_workers={args.workers}", "cpus_per_worker=0.5"]
     if args.epochs:
@@ -80,10 +82,10 @@ def run(args) -> int:
     if storage.exists(storage.join(paths["run"], "model.safetensors")):
         storage.delete(paths["run"])  # the demo always trains afresh
     step("train", ["train", "--embeddings", paths["embeddings"], "--out", paths["run"], *overrides])
-    step("evaluate", ["evaluate", "--run", paths["run"], "--embeddings", paths["embeddings"]])
+    step("evaluate", ["evaluate", "--run", paths["run"], "--embeddings", paths["embeddings"], "--overwrite"])
     candidates_from_embeddings(paths["embeddings"], paths["candidates"])
     step("score", ["score", "--run", paths["run"], "--support", paths["embeddings"],
-                   "--candidates", paths["candidates"], "--out", paths["scores"]])
+                   "--candidates", paths["candidates"], "--out", paths["scores"], "--overwrite"])
     metrics = storage.read_json(storage.join(paths["run"], "metrics.json"))
     first_user = storage.read_table(storage.join(paths["scores"], "weights"), columns=[C.USER_ID]).column(0)[0].as_py()
     from mrm_ray.embed import default_cpu_model, default_pooling, load_config
@@ -91,7 +93,7 @@ def run(args) -> int:
     if default_pooling(load_config(backbone), backbone) == "last":
         step("export-hf", ["export-hf", "--run", paths["run"], "--user", first_user,
                            "--weights", storage.join(paths["scores"], "weights"),
-                           "--backbone", backbone, "--out", paths["export"]])
+                           "--backbone", backbone, "--out", paths["export"], "--overwrite"])
     else:  # a mean-pooled encoder has no sequence-classification head that reads the same embedding
         log.info("demo: export-hf skipped: %s is an encoder; export needs a decoder reward model "
                  "(e.g. --model Skywork/Skywork-Reward-V2-Llama-3.1-8B)", backbone)
@@ -102,5 +104,6 @@ def run(args) -> int:
                "score_pairwise_accuracy": pairwise_accuracy_from_scores(storage.join(paths["scores"], "scores")),
                "exported_user": first_user if "export" in paths else None, **paths}
     storage.write_json(storage.join(w, "summary.json"), summary)
+    storage.finish_folder(w, "demo", [*(k for k in paths), "summary.json"])
     print(json.dumps(summary, indent=2))
     return 0

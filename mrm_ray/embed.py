@@ -28,7 +28,6 @@ import importlib.util
 import json
 import logging
 import os
-import re
 import threading
 import time
 from pathlib import Path
@@ -38,7 +37,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from mrm_ray import contract as C
-from mrm_ray import storage
+from mrm_ray import raytools, storage
 from mrm_ray.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -84,14 +83,26 @@ def load_config(name_or_path: str):
         raise _load_error(name_or_path, e) from None
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                   "spiece.model", "sentencepiece.bpe.model", "merges.txt")
+
+
 def load_tokenizer(name_or_path: str):
     from transformers import AutoTokenizer
 
     _check_location(name_or_path)
+    path = os.path.expanduser(str(name_or_path))
+    if os.path.isdir(path) and not any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES):
+        raise UserError(f"model folder {name_or_path} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); "
+                        f"save the tokenizer next to the model (tokenizer.save_pretrained)")
     try:
-        return AutoTokenizer.from_pretrained(os.path.expanduser(str(name_or_path)))
+        tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise _load_error(name_or_path, e) from None
+    if len(tokenizer) < 32:  # a placeholder built from nothing would turn every word into [UNK]
+        raise UserError(f"the tokenizer of {name_or_path} has only {len(tokenizer)} tokens; it is not a real "
+                        f"tokenizer (are its files complete?)")
+    return tokenizer
 
 
 def load_backbone(name_or_path: str, device=None, dtype: str = "auto", attn_implementation: str | None = None):
@@ -372,34 +383,15 @@ def _log_progress(progress, total_rows: int, stop: threading.Event, every: float
         log.info("embedded %d/%d pairs: %.1f pairs/s, %.0f tokens/s", rows, total_rows, rows / dt, tokens / dt)
 
 
-_ERROR_LINE = re.compile(r"^(mrm_ray(?:\.\w+)+)\.(\w+): (.+)$", re.M)
 
-
-def _unwrap_user_error(e: BaseException) -> UserError | None:
-    """Find our one-line error inside the exception Ray raises for a failed UDF.
-
-    Ray Data reports a UDF failure as RayTaskError(UserCodeException) whose
-    only trace of the original error is the remote traceback text, so the
-    last resort is its `mrm_ray.module.SomeError: message` line.
-    """
-    from ray.exceptions import RayError
-
-    cur = e
-    while cur is not None:
-        if isinstance(cur, UserError) and not isinstance(cur, RayError):
-            return cur
-        cur = cur.__cause__
-    for module, name, message in reversed(_ERROR_LINE.findall(str(e))):
-        cls = getattr(importlib.import_module(module), name, None)
-        if isinstance(cls, type) and issubclass(cls, UserError):
-            return cls(message.strip())
-    return None
 
 
 # --- command line ----------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pairs", required=True, help="pairs table (local path or s3://bucket/prefix)")
-    p.add_argument("--out", required=True, help="where the embeddings table goes (replaced atomically)")
+    p.add_argument("--out", required=True, help="where the embeddings table goes (a new or empty folder; "
+                                                 "committed atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous output of mrm embed at --out")
     p.add_argument("--model", default="auto",
                    help=f"backbone name or local folder; auto = {DEFAULT_GPU_MODEL} when the cluster has GPUs, "
                         "else the packaged all-MiniLM-L6-v2 (CPU demo)")
@@ -431,19 +423,29 @@ def run(args) -> int:
     import ray
 
     # Everything a user can get wrong is checked here, once, before any Ray work starts.
+    if args.batch_rows < 1 or args.max_length < 2 or args.batch_tokens < 0 or args.actors < 0:
+        raise UserError("--batch-rows must be >= 1, --max-length >= 2, --batch-tokens and --actors >= 0")
+    if args.num_cpus <= 0 or (args.num_gpus is not None and args.num_gpus < 0):
+        raise UserError("--num-cpus must be > 0 and --num-gpus >= 0")
+    storage.check_output(args.out, "embed", [args.pairs], args.overwrite)
     files = storage.parquet_files(args.pairs)  # one-line StorageError when missing or unreachable
     in_fs, _ = storage.resolve(args.pairs)
-    C.require_columns(storage.schema(args.pairs).empty_table(), C.PAIRS_REQUIRED, "pairs")
-    total_rows = storage.dataset(args.pairs).count_rows()
+    C.require_columns(storage.check_table(args.pairs).empty_table(), C.PAIRS_REQUIRED, "pairs")
+    total_rows, ids = 0, C.UniqueIds(C.PAIR_ID, "pairs")   # one pass over the id column (rows are checked
+    for batch in storage.iter_batches(args.pairs, columns=[C.PAIR_ID]):   # batch by batch as they embed)
+        ids.add(batch.column(0))
+        total_rows += batch.num_rows
+    ids.check()
     if total_rows == 0:
         raise UserError(f"pairs table {args.pairs} has no rows")
     if args.model != "auto":
         load_tokenizer(args.model)
 
-    if not ray.is_initialized():
-        ray.init(address=args.address, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    raytools.ensure_ray(args.address)
     cluster_gpus = float(ray.cluster_resources().get("GPU", 0))
     num_gpus = args.num_gpus if args.num_gpus is not None else (1.0 if cluster_gpus else 0.0)
+    raytools.require_resources(args.num_cpus + 0.5, num_gpus, f"one embedding replica ({args.num_cpus:g} CPU, "
+                               f"{num_gpus:g} GPU) plus 0.5 CPU for reading")
     actors = args.actors or (max(1, int(cluster_gpus // num_gpus)) if num_gpus else 1)
     model = args.model if args.model != "auto" else DEFAULT_GPU_MODEL if num_gpus else default_cpu_model()
     tokenizer = load_tokenizer(model)
@@ -473,14 +475,14 @@ def run(args) -> int:
     t0 = time.time()
     ticker.start()
     try:
-        with storage.atomic_output(args.out) as staging:
+        with storage.atomic_output(args.out, "embed", [args.pairs], args.overwrite) as staging:
             out_fs, out_path = storage.resolve(staging)
             try:
                 # OVERWRITE: the staging folder is ours alone, and fixed part names need it.
                 ds.write_parquet(out_path, filesystem=out_fs, filename_provider=_part_names(),
                                  mode=ray.data.SaveMode.OVERWRITE)
             except Exception as e:  # noqa: BLE001 - a user's bad row arrives wrapped by Ray
-                err = _unwrap_user_error(e)
+                err = raytools.user_error(e)
                 if err is None:
                     raise
                 raise err from None
@@ -495,17 +497,21 @@ def run(args) -> int:
 
 
 def _copy_truth(pairs_uri: str, staging: str) -> None:
-    """A synthetic population's ground truth (`_truth*`) travels with its embeddings for `mrm evaluate`."""
+    """A synthetic population's ground truth (`_truth*`) travels with its embeddings for `mrm evaluate`.
+
+    Tables are read and written again (the staging folder's commit names their parts); files are copied.
+    """
     if not storage.is_dir(pairs_uri):
         return
     src_fs, src = storage.resolve(pairs_uri)
-    dst_fs, dst = storage.resolve(staging)
     for info in src_fs.get_file_info(pafs.FileSelector(src)):
-        if info.base_name.startswith("_truth"):
-            if info.type == pafs.FileType.Directory:
-                dst_fs.create_dir(f"{dst}/{info.base_name}", recursive=True)
-            pafs.copy_files(info.path, f"{dst}/{info.base_name}", source_filesystem=src_fs,
-                            destination_filesystem=dst_fs)
+        if not info.base_name.startswith("_truth"):
+            continue
+        dest = storage.join(staging, info.base_name)
+        if info.type == pafs.FileType.Directory:
+            storage.write_staged(storage.read_table(storage.join(pairs_uri, info.base_name)), dest)
+        else:
+            storage.write_bytes(dest, storage.read_bytes(storage.join(pairs_uri, info.base_name)))
 
 
 def _part_names():

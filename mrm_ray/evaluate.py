@@ -20,7 +20,6 @@ bounded by a partition, not by the population.
 from __future__ import annotations
 
 import logging
-import posixpath
 import tempfile
 
 import numpy as np
@@ -32,10 +31,39 @@ from mrm_ray import contract as C
 from mrm_ray import metrics as M
 from mrm_ray import partition, runs, storage, synth, tasks
 from mrm_ray.baselines import fit_shared_bt
+from mrm_ray.errors import UserError
 from mrm_ray.meta import adapt_and_score
 
 log = logging.getLogger(__name__)
 SHOTS = (1, 2, 4, 8, 16)
+PER_USER = "per_user.parquet"
+
+
+def require_test_pairs(embeddings: str) -> None:
+    """One streamed pass over the split column: there must be something to score."""
+    if C.SPLIT in storage.schema(embeddings).names:
+        for batch in storage.iter_batches(embeddings, columns=[C.SPLIT]):
+            if pc.any(pc.equal(batch.column(0), C.TEST)).as_py():
+                return
+    raise UserError(f"{embeddings} has no test pairs (split == 'test'): nothing to score")
+
+
+def check_outputs(out: str, embeddings: str, overwrite: bool) -> None:
+    """Before any work: the metrics file and the per-user table beside it may be replaced only when they are
+    a previous evaluation and --overwrite is given; nothing goes inside the embeddings table."""
+    per_user = storage.join(storage.parent(out), PER_USER)
+    storage.check_overlap(out, [embeddings])
+    storage.check_overlap(per_user, [embeddings])
+    if storage.exists(out):
+        try:
+            previous = storage.read_json(out)
+        except (storage.StorageError, ValueError, UnicodeDecodeError):
+            previous = None
+        if not (isinstance(previous, dict) and {"seen", "unseen", "overall"} <= previous.keys()):
+            raise UserError(f"{out} exists and is not a metrics file of mrm evaluate; choose another --out")
+        if not overwrite:
+            raise UserError(f"{out} holds a previous evaluation; pass --overwrite to replace it, or choose another --out")
+    storage.check_output(per_user, "evaluate", overwrite=True)
 BT_MAX_PAIRS = 500_000  # the shared-BT baseline is fit on at most this many seen train pairs
 
 
@@ -50,10 +78,17 @@ def evaluate(run: runs.Run, embeddings: str, out: str, shots=SHOTS, baseline: bo
     users = run.users()
     seen_ids = users.filter(pc.and_(users.column("seen"), pc.invert(users.column("skipped")))).column("user_id")
     seen_set = pa.array(seen_ids.to_numpy(zero_copy_only=False).astype(str))
+    storage.check_table(embeddings)
     n_rows = partition.count_rows(embeddings)
+    pair_ids = C.UniqueIds(C.PAIR_ID, "embeddings")
+
+    def normalize(batch):
+        table = C.normalize_embeddings(batch, dim=run.dim)
+        pair_ids.add(table.column(C.PAIR_ID))
+        return table
     with tempfile.TemporaryDirectory(prefix="mrm-eval-") as tmp:
-        parts = partition.partition_by_user(embeddings, tmp, partition.n_parts_for(n_rows),
-                                            normalize=lambda b: C.normalize_embeddings(b, dim=run.dim))
+        parts = partition.partition_by_user(embeddings, tmp, partition.n_parts_for(n_rows), normalize=normalize)
+        pair_ids.check()
         v_bt = None
         if baseline:
             diffs, n = [], 0
@@ -67,7 +102,11 @@ def evaluate(run: runs.Run, embeddings: str, out: str, shots=SHOTS, baseline: bo
                 n += len(diffs[-1])
             v_bt = fit_shared_bt(torch.cat(diffs)) if n else None
         tables = [t for t in (_evaluate_part(run, p, seen_set, shots, v_bt) for p in parts) if t is not None]
+    if not tables:
+        raise UserError(f"{embeddings} has no rows to evaluate")
     per_user = pa.concat_tables(tables).sort_by(C.USER_ID)
+    if int(pc.sum(per_user.column("test_pairs")).as_py() or 0) == 0:
+        raise UserError(f"{embeddings} has no test pairs (split == 'test'): nothing to score")
     return _write_outputs(run, per_user, embeddings, out, shots)
 
 
@@ -144,8 +183,8 @@ def _write_outputs(run, per_user: pa.Table, embeddings: str, out: str, shots) ->
     metrics["personalization"] = personalization(run, per_user)
     metrics["run"] = run.uri
     metrics["eval_inner_steps"] = run.cfg.eval_steps
-    out_dir = posixpath.dirname(out.rstrip("/")) if not storage.is_remote(out) else out.rsplit("/", 1)[0]
-    storage.write_table(per_user, storage.join(out_dir, "per_user.parquet"))
+    out_dir = storage.parent(out)
+    storage.write_table(per_user, storage.join(out_dir, PER_USER), "evaluate", overwrite=True)  # checked up front
     try:
         from mrm_ray import plots
         history = storage.read_json(storage.join(run.uri, runs.HISTORY)) if storage.exists(
@@ -163,6 +202,7 @@ def add_arguments(p) -> None:
     p.add_argument("--embeddings", required=True, help="embeddings table to evaluate (train pairs adapt, test pairs score)")
     p.add_argument("--out", help="metrics JSON file (default: <run>/metrics.json); per_user.parquet and plots go beside it")
     p.add_argument("--no-baseline", action="store_true", help="skip the shared Bradley-Terry baseline")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous evaluation at --out")
 
 
 def _fmt(d: dict | None) -> str:
@@ -174,6 +214,8 @@ def _fmt(d: dict | None) -> str:
 def run(args) -> int:
     r = runs.load_run(args.run)
     out = args.out or storage.join(args.run, runs.METRICS)
+    check_outputs(out, args.embeddings, args.overwrite)
+    require_test_pairs(args.embeddings)
     m = evaluate(r, args.embeddings, out, baseline=not args.no_baseline)
     rows = [("MRM", m)]
     if "baselines" in m:

@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import tempfile
-import uuid
 
 import torch
 
@@ -102,43 +100,20 @@ def build_model(backbone: str, vector: torch.Tensor, dtype: str = "auto"):
     return model.eval(), tokenizer
 
 
-def _save_local(model, tokenizer, out: str) -> None:
-    """save_pretrained into a sibling folder, then swap it in: a crash never leaves half a checkpoint."""
-    out = os.path.abspath(os.path.expanduser(out))
-    _check_out(out)
-    tmp = f"{out}.partial-{uuid.uuid4().hex[:8]}"
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        if os.path.exists(out):
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _check_out(out: str) -> None:
-    """Never replace a folder that is not a previous export (it may be someone's work)."""
-    if os.path.isfile(out) or os.path.isdir(out) and os.listdir(out) and not _is_export(out):
-        raise UserError(f"{out} exists and is not an mrm export; pick an empty or new folder")
-
-
-def _is_export(folder: str) -> bool:
-    import json
-    try:
-        with open(os.path.join(folder, "config.json")) as f:
-            return "mrm_user" in json.load(f)
-    except (OSError, ValueError):
-        return False
-
-
 def export(run_uri: str, user_id: str, backbone: str, out: str, weights: str | None = None,
-           support: str | None = None, support_split: str = "all", dtype: str = "auto") -> dict:
-    """Export one user's reward model to `out` (local folder or s3://); returns what config.json records."""
-    if not storage.is_remote(out):
-        _check_out(os.path.abspath(os.path.expanduser(out)))  # before loading anything big
+           support: str | None = None, support_split: str = "all", dtype: str = "auto",
+           overwrite: bool = False, prior: bool = False) -> dict:
+    """Export one user's reward model to `out` (local folder or s3://); returns what config.json records.
+
+    A user without pairs or weights is an error unless `prior` (then the population prior is exported).
+    """
+    inputs = [run_uri, weights, support]
+    storage.check_output(out, "export-hf", inputs, overwrite)  # before loading anything big
     rm = api.load(run_uri)
     user, source = user_weights(rm, user_id, weights, support, support_split)
+    if source == "prior" and not prior:
+        raise UserError(f"user {user_id!r} has no adapted weights or pairs here (see the warning above); "
+                        f"pass --prior to export the population prior theta_0 for it")
     model, tokenizer = build_model(backbone, user.vector, dtype)
     record = {"user_id": str(user_id), "run": run_uri, "source": source, "prior": user.prior,
               "n_support": user.n_support, "theta": [float(x) for x in user.theta],
@@ -146,15 +121,17 @@ def export(run_uri: str, user_id: str, backbone: str, out: str, weights: str | N
               "reward": "logit = v_u . h_last, v_u = s W^T mixing(theta)"}
     model.config.mrm_user = str(user_id)
     model.config.mrm = record
-    if storage.is_remote(out):
-        with tempfile.TemporaryDirectory(prefix="mrm-export-") as tmp:
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            for name in sorted(os.listdir(tmp)):
-                with open(os.path.join(tmp, name), "rb") as f:
-                    storage.write_bytes(storage.join(out, name), f.read())
-    else:
-        _save_local(model, tokenizer, out)
+    with storage.atomic_output(out, "export-hf", inputs, overwrite) as staging:
+        if storage.is_remote(staging):
+            with tempfile.TemporaryDirectory(prefix="mrm-export-") as tmp:
+                model.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
+                for name in sorted(os.listdir(tmp)):
+                    with open(os.path.join(tmp, name), "rb") as f:
+                        storage.write_bytes(storage.join(staging, name), f.read())
+        else:
+            model.save_pretrained(storage.resolve(staging)[1])
+            tokenizer.save_pretrained(storage.resolve(staging)[1])
     return record
 
 
@@ -168,6 +145,9 @@ def add_arguments(p) -> None:
     src.add_argument("--weights", help="mrm score output (or its weights/ table) holding the user's adapted theta; "
                                        "with neither --weights nor --support: <run>/per_user.parquet of mrm evaluate")
     src.add_argument("--support", help="embeddings table: adapt the user on its rows now")
+    p.add_argument("--prior", action="store_true",
+                   help="export the population prior theta_0 when the user has no weights or pairs (else an error)")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous export at --out")
     p.add_argument("--support-split", choices=("all", "train"), default="all",
                    help="with --support: adapt on all of the user's rows, or only split=train")
     p.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto",
@@ -177,7 +157,7 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     runs.load_run(args.run)  # one-line error for a missing/incomplete run before loading a backbone
     rec = export(args.run, args.user, args.backbone, args.out, args.weights, args.support, args.support_split,
-                 args.dtype)
+                 args.dtype, overwrite=args.overwrite, prior=args.prior)
     what = "population prior (user not found)" if rec["source"] == "prior" else f"adapted weights ({rec['source']})"
     print(f"exported user {args.user!r} ({what}, theta={[round(t, 4) for t in rec['theta']]}) to {args.out}")
     return 0

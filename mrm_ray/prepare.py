@@ -446,6 +446,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         f"{REFERENCE_SEED}, the reference train.py's --seed, which must match mrm train's seed)")
     p.add_argument("--post-only", action="store_true",
                    help="Reddit: prompt = the post text alone (the MRM reference) instead of subreddit+title+post")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous output of mrm prepare at --out")
     p.add_argument("--reference", action="store_true",
                    help="reproduce the reference code's preprocessing and train/test split exactly (for the "
                         "prism / reddit presets of mrm train; see the command's description)")
@@ -454,6 +455,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     if args.min_conversations < 1:
         raise UserError("--min-conversations must be >= 1")
+    storage.check_output(args.out, "prepare", [args.source], args.overwrite)   # before any work
     if args.dataset == "prism":
         seed = args.seed if args.seed is not None else (REFERENCE_SEED if args.reference else SPLIT_SEED)
         table = (prepare_prism_reference if args.reference else prepare_prism)(args.source, args.min_conversations, seed)
@@ -463,7 +465,7 @@ def run(args) -> int:
         table = prepare_reddit_reference(args.source)
     else:
         table = prepare_reddit(args.source, args.post_only)
-    storage.write_table(table, args.out)
+    storage.write_table(table, args.out, "prepare", args.overwrite, inputs=[args.source])
     users = len(set(table.column(C.USER_ID).to_pylist()))
     n_test = sum(s == C.TEST for s in table.column(C.SPLIT).to_pylist())
     log.info("wrote %d pairs (%d train, %d test) of %d users to %s", table.num_rows, table.num_rows - n_test,

@@ -6,6 +6,8 @@
     <run>/users.parquet        user_id, seen, train_pairs, test_pairs, skipped
     <run>/history.json         per-epoch meta-loss, RPO weight spread, validation accuracy and loss
     <run>/start.json           the data-driven start: chosen K, ridge, prior and the cross-validation table
+    <run>/inputs.json          the embeddings table it trains on, and its fingerprint (a resume must match)
+    <run>/_lock                held by the `mrm train` that owns the directory (mrm_ray.lease)
     <run>/checkpoints/...      resumable training state (Ray Train checkpoints)
     <run>/metrics.json         written by `mrm evaluate`
 
@@ -28,8 +30,9 @@ from mrm_ray.errors import UserError
 from mrm_ray.model import MRMHead
 
 FORMAT_VERSION = 1
-CONFIG, MODEL_JSON, MODEL, USERS, HISTORY, METRICS, START = (
-    "config.json", "model.json", "model.safetensors", "users.parquet", "history.json", "metrics.json", "start.json")
+CONFIG, MODEL_JSON, MODEL, USERS, HISTORY, METRICS, START, INPUTS = (
+    "config.json", "model.json", "model.safetensors", "users.parquet", "history.json", "metrics.json", "start.json",
+    "inputs.json")
 USER_COLUMNS = ("user_id", "seen", "train_pairs", "test_pairs", "skipped")
 
 
@@ -68,6 +71,26 @@ def save_config(uri: str, cfg: config_mod.TrainConfig) -> None:
     storage.write_json(storage.join(uri, CONFIG), config_mod.to_dict(cfg))
 
 
+def is_run_directory(uri: str) -> bool:
+    return storage.exists(storage.join(uri, CONFIG)) or storage.exists(storage.join(uri, INPUTS))
+
+
+def save_inputs(uri: str, embeddings: str) -> None:
+    storage.write_json(storage.join(uri, INPUTS), {"embeddings": embeddings,
+                                                   "fingerprint": storage.fingerprint(embeddings)})
+
+
+def check_inputs(uri: str, embeddings: str) -> None:
+    """A run directory continues only on the table it was started on (same files, same sizes)."""
+    path = storage.join(uri, INPUTS)
+    if not storage.exists(path):
+        return
+    saved = storage.read_json(path)
+    if saved.get("fingerprint") != storage.fingerprint(embeddings):
+        raise UserError(f"{uri} was trained on another embeddings table ({saved.get('embeddings')}) or on an "
+                        f"earlier version of it; resume on the same table, or choose a new --out")
+
+
 def load_run(uri: str) -> Run:
     """Load a finished run; one-line errors for a missing or incompatible directory."""
     if not storage.exists(uri):
@@ -76,15 +99,23 @@ def load_run(uri: str) -> Run:
         if not storage.exists(storage.join(uri, name)):
             raise UserError(f"run {uri} is incomplete: {name} is missing (did training finish?)")
     info = storage.read_json(storage.join(uri, MODEL_JSON))
-    if info.get("format_version") != FORMAT_VERSION:
-        raise UserError(f"run {uri} has format version {info.get('format_version')!r}; "
-                        f"this mrm-ray reads version {FORMAT_VERSION}")
-    cfg = config_mod.from_dict(storage.read_json(storage.join(uri, CONFIG)))
-    head = build_head(int(info["dim"]), cfg)
+    if not isinstance(info, dict) or info.get("format_version") != FORMAT_VERSION:
+        found = info.get("format_version") if isinstance(info, dict) else None
+        raise UserError(f"run {uri} has format version {found!r}; this mrm-ray reads version {FORMAT_VERSION}")
+    saved = storage.read_json(storage.join(uri, CONFIG))
+    if not isinstance(saved, dict):
+        raise UserError(f"run {uri}: {CONFIG} is not a config (a JSON mapping)")
+    cfg = config_mod.from_dict(saved)
+    try:
+        dim = int(info["dim"])
+        head = build_head(dim, cfg)
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"run {uri}: {MODEL_JSON} or {CONFIG} is damaged ({str(e).splitlines()[0][:80]})") from None
     try:
         head.load_state_dict(st_load(storage.read_bytes(storage.join(uri, MODEL))))
-    except (RuntimeError, KeyError) as e:
-        raise UserError(f"run {uri}: model.safetensors does not match model.json ({str(e).splitlines()[0]})") from None
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file: safetensors raises its own types
+        raise UserError(f"run {uri}: {MODEL} is damaged or does not match {MODEL_JSON} "
+                        f"({str(e).splitlines()[0][:100]})") from None
     head.eval()
     return Run(uri, cfg, head, info)
 

@@ -39,7 +39,7 @@ import logging
 import math
 import time
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -49,7 +49,7 @@ import pyarrow.parquet as pq
 import torch
 
 from mrm_ray import contract as C
-from mrm_ray import runs, storage, tasks
+from mrm_ray import raytools, runs, storage, tasks
 from mrm_ray.adapt import InnerConfig, adapt
 from mrm_ray.errors import UserError
 from mrm_ray.model import mix, mixing
@@ -175,7 +175,7 @@ def _emb_dim(uri: str, column: str, what: str) -> int | None:
 
 def check_inputs(run: runs.Run, support: str, candidates: str) -> dict:
     """Everything a user can get wrong about the inputs, checked before any work; one line each."""
-    sup_schema, cand_schema = storage.schema(support), storage.schema(candidates)
+    sup_schema, cand_schema = storage.check_table(support), storage.check_table(candidates)
     C.require_columns(sup_schema, SUPPORT_COLUMNS, "support (embeddings)")
     C.require_columns(cand_schema, C.CANDIDATES_REQUIRED, "candidates")
     dims = {"run": run.dim}
@@ -187,6 +187,17 @@ def check_inputs(run: runs.Run, support: str, candidates: str) -> dict:
     if len(set(dims.values())) > 1:
         raise UserError("embedding dimension mismatch: " + ", ".join(f"{k} has d={v}" for k, v in dims.items())
                         + f" (run {run.uri}, support {support}, candidates {candidates})")
+    for name, uri in (("support", support), ("candidates", candidates)):
+        if storage.dataset(uri).count_rows() == 0:   # footers only
+            raise UserError(f"{name} table {uri} has no rows")
+    if C.PAIR_ID in sup_schema.names:   # a pair listed twice would count twice in its user's support
+        ids = C.UniqueIds(C.PAIR_ID, "support (embeddings)")
+        for batch in storage.iter_batches(support, columns=[C.PAIR_ID]):
+            if batch.column(0).null_count:
+                raise C.ContractError(f"support (embeddings) column 'pair_id' has {batch.column(0).null_count} "
+                                      f"null value(s)")
+            ids.add(batch.column(0))
+        ids.check()
     return {"support_split_column": C.SPLIT in sup_schema.names}
 
 
@@ -229,14 +240,6 @@ def _user_ids(table, what: str) -> pa.Array:
     return col
 
 
-def _check_finite(phi: torch.Tensor, ids: pa.Array, column: str, what: str) -> None:
-    bad = ~torch.isfinite(phi).all(dim=1)
-    if bad.any():
-        row = int(bad.nonzero()[0])
-        raise C.ContractError(f"{what} column {column!r} has non-finite values (NaN/inf): {int(bad.sum())} row(s) "
-                              f"(first: user_id={ids[row].as_py()!r})")
-
-
 def user_partition(user_ids, n_parts: int) -> np.ndarray:
     """hash(user_id) % n_parts per row (partition.py's hash), hashing each distinct id once."""
     uniq = pc.unique(user_ids)
@@ -251,7 +254,7 @@ def route_unit(unit: Unit, j: int, scorer: Scorer, n_parts: int, shuffle: str, t
     support = unit.kind == "support"
     pfile = pq.ParquetFile(unit.path, filesystem=fs)
     cols = list(SUPPORT_COLUMNS) if support else list(C.CANDIDATES_REQUIRED)
-    if support and train_only and C.SPLIT in pfile.schema_arrow.names:
+    if support and C.SPLIT in pfile.schema_arrow.names:
         cols.append(C.SPLIT)
     row_bytes = (2 if support else 1) * scorer.dim * 4
     what = "support (embeddings)" if support else "candidates"
@@ -259,19 +262,21 @@ def route_unit(unit: Unit, j: int, scorer: Scorer, n_parts: int, shuffle: str, t
     for batch in pfile.iter_batches(batch_size=max(1, min(65536, BATCH_BYTES // row_bytes)),
                                     row_groups=unit.row_groups, columns=cols):
         if C.SPLIT in cols:  # absent or null split = train
-            batch = batch.filter(pc.invert(pc.fill_null(pc.equal(batch.column(C.SPLIT), C.TEST), False)))
+            C.check_split(batch, what)
+            if train_only:
+                batch = batch.filter(pc.invert(pc.fill_null(pc.equal(batch.column(C.SPLIT), C.TEST), False)))
         if batch.num_rows == 0:
             continue
         ids = _user_ids(batch, what)
         if support:
-            phi_c = scorer.project(C.emb_matrix(batch.column(C.CHOSEN_EMB), what, C.CHOSEN_EMB))
-            phi_r = scorer.project(C.emb_matrix(batch.column(C.REJECTED_EMB), what, C.REJECTED_EMB))
-            _check_finite(phi_c, ids, C.CHOSEN_EMB, what)
-            _check_finite(phi_r, ids, C.REJECTED_EMB, what)
-            phi, extra = phi_c - phi_r, {}
+            mats = [C.emb_matrix(batch.column(c), what, c) for c in (C.CHOSEN_EMB, C.REJECTED_EMB)]
+            for c, m in zip((C.CHOSEN_EMB, C.REJECTED_EMB), mats):
+                C.check_values(batch, m, c, what)
+            phi, extra = scorer.project(mats[0]) - scorer.project(mats[1]), {}
         else:
-            phi = scorer.project(C.emb_matrix(batch.column(C.EMB), what, C.EMB))
-            _check_finite(phi, ids, C.EMB, what)
+            mat = C.emb_matrix(batch.column(C.EMB), what, C.EMB)
+            C.check_values(batch, mat, C.EMB, what)
+            phi = scorer.project(mat)
             cid = batch.column(C.CANDIDATE_ID)
             cid = cid if pa.types.is_string(cid.type) else pc.cast(cid, pa.string())
             if cid.null_count:
@@ -365,20 +370,28 @@ def _gather(ray, refs: list, what: str, every: float = 10.0) -> list:
     except ray.exceptions.RayTaskError as e:
         for r in pending:
             ray.cancel(r, force=True)
-        cause = getattr(e, "cause", None)
-        if isinstance(cause, UserError):
-            raise type(cause)(str(cause).splitlines()[0] if str(cause) else type(cause).__name__) from None
+        err = raytools.user_error(e)
+        if err is not None:
+            raise err from None
         raise
     return [out[n] for n in range(len(refs))]
 
 
 def score(run: runs.Run, support: str, candidates: str, out: str, support_split: str = "all",
-          partitions: int = 0, steps: int | None = None) -> dict:
+          partitions: int = 0, steps: int | None = None, overwrite: bool = False) -> dict:
     """Score a population (Ray must be initialised); returns the summary also written to <out>/summary.json."""
+    storage.check_output(out, "score", [run.uri, support, candidates], overwrite)
+    check_inputs(run, support, candidates)
+    return _score(run, support, candidates, out, support_split, partitions, steps, overwrite)
+
+
+def _score(run: runs.Run, support: str, candidates: str, out: str, support_split: str, partitions: int,
+           steps: int | None, overwrite: bool) -> dict:
+    """score() after its checks."""
     import ray
 
     t0 = time.time()
-    check_inputs(run, support, candidates)
+    inputs = [run.uri, support, candidates]
     scorer = Scorer.from_run(run, steps)
     fingerprint = model_fingerprint(run.uri)
     d = run.dim
@@ -389,7 +402,7 @@ def score(run: runs.Run, support: str, candidates: str, out: str, support_split:
              run.uri, total_rows, len(units), n_parts, scorer.inner.optimizer, scorer.inner.steps)
     route = ray.remote(num_cpus=1, max_retries=2)(route_unit)
     score_part = ray.remote(num_cpus=1, max_retries=2)(score_partition)
-    with storage.atomic_output(out) as staging:
+    with storage.atomic_output(out, "score", inputs, overwrite) as staging:
         shuffle = storage.join(staging, SHUFFLE)
         scorer_ref = ray.put(scorer)
         routed = _gather(ray, [route.remote(u, j, scorer_ref, n_parts, shuffle, support_split == "train")
@@ -414,7 +427,8 @@ def add_arguments(p) -> None:
                    help="embeddings table of the users' labelled pairs to adapt on (user_id, chosen_emb, rejected_emb)")
     p.add_argument("--candidates", required=True, help="candidates table: user_id, candidate_id, emb")
     p.add_argument("--out", required=True,
-                   help="output folder (replaced atomically): scores/, weights/, summary.json")
+                   help="output folder (new or empty; committed atomically): scores/, weights/, summary.json")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous output of mrm score at --out")
     p.add_argument("--support-split", choices=("all", "train"), default="all",
                    help="all: every support row adapts its user; train: only rows with split=train")
     p.add_argument("--steps", type=int, default=None, help="inner steps; unset = the run's eval_inner_steps")
@@ -424,17 +438,17 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    import ray
-
     if args.steps is not None and args.steps < 1:
         raise UserError("--steps must be >= 1")
     if args.partitions < 0:
         raise UserError("--partitions must be >= 0")
     r = runs.load_run(args.run)
+    storage.check_output(args.out, "score", [args.run, args.support, args.candidates], args.overwrite)
     check_inputs(r, args.support, args.candidates)  # before starting Ray
-    if not ray.is_initialized():
-        ray.init(address=args.address, include_dashboard=False, configure_logging=False, log_to_driver=False)
-    s = score(r, args.support, args.candidates, args.out, args.support_split, args.partitions, args.steps)
+    raytools.ensure_ray(args.address)
+    raytools.require_resources(1, 0, "mrm score's tasks (1 CPU each)")
+    s = _score(r, args.support, args.candidates, args.out, args.support_split, args.partitions, args.steps,
+               args.overwrite)
     print(f"scored {s['candidates_scored']} candidates of {s['users']} users ({s['prior_users']} with no support pairs "
           f"scored with the prior) in {s['seconds']:.1f}s: {storage.join(args.out, SCORES)}")
     return 0

@@ -103,14 +103,15 @@ def generate_chunk(users: np.ndarray, dirs: np.ndarray, rng: np.random.Generator
 
 
 def write_embedding_population(out: str, users: int = 2000, pairs_per_user: int = 20, dim: int = 64,
-                               seed: int = 0, chunk_users: int = 10_000, dtype: str = "float32") -> dict:
+                               seed: int = 0, chunk_users: int = 10_000, dtype: str = "float32",
+                               overwrite: bool = False) -> dict:
     """Stream a synthetic embeddings population to `out`; returns a summary."""
     rng = np.random.default_rng(seed)
     dirs = _directions(dim, rng)
     np_dtype = np.float16 if dtype == "float16" else np.float32
     schema = C.embeddings_schema(dim, dtype=pa.float16() if dtype == "float16" else pa.float32())
     n_pairs, t0 = 0, time.time()
-    with storage.atomic_output(out) as staging:
+    with storage.atomic_output(out, "synth", overwrite=overwrite) as staging:
         writer = storage.PartWriter(staging, schema)
         truth_writer = None
         for lo in range(0, users, chunk_users):
@@ -129,7 +130,7 @@ def write_embedding_population(out: str, users: int = 2000, pairs_per_user: int 
 
 
 def write_zoo_population(out: str, name: str, users: int | None = None, dim: int | None = None,
-                         seed: int | None = None):
+                         seed: int | None = None, overwrite: bool = False):
     """One population of the zoo (mrm_ray.zoo) as an embeddings table with its truth; returns it in memory too."""
     from mrm_ray import zoo
     changes = {k: v for k, v in (("users", users), ("dim", dim), ("seed", seed)) if v is not None}
@@ -149,11 +150,11 @@ def write_zoo_population(out: str, name: str, users: int | None = None, dim: int
     truth = pa.table({C.USER_ID: pa.array(ids.astype(str)), "type": pa.array(kinds),
                       "pairs": pa.array(np.bincount(g.user, minlength=len(ids))),
                       "oracle_test_accuracy": pa.array(g.oracle.astype(np.float32))})
-    with storage.atomic_output(out) as staging:
+    with storage.atomic_output(out, "synth", overwrite=overwrite) as staging:
         writer = storage.PartWriter(staging, table.schema)
         writer.write(table)
         writer.close()
-        storage.write_table(truth, storage.join(staging, TRUTH_DIR, "users.parquet"))
+        storage.write_staged(truth, storage.join(staging, TRUTH_DIR))
     return g
 
 
@@ -175,6 +176,7 @@ def add_arguments(p) -> None:
     p.add_argument("--dim", type=int, help="embedding dimension (--kind embedding; default: 64, or the --population's own)")
     p.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="embedding storage type")
     p.add_argument("--seed", type=int, default=0, help="random seed: same seed, same population")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous output of mrm synth at --out")
     p.add_argument("--population", metavar="NAME",
                    help="a population of the quality zoo instead (mrm_ray.zoo: lowrank, clusters, "
                         "few-users-many-pairs, many-users-few-pairs, noisy-minority, anisotropic-1024, "
@@ -185,11 +187,13 @@ def run(args) -> int:
     from mrm_ray.errors import UserError
     if (args.users is not None and args.users < 1) or args.pairs_per_user < 1 or (args.dim is not None and args.dim < 4):
         raise UserError("--users and --pairs-per-user must be >= 1 and --dim >= 4")
+    storage.check_output(args.out, "synth", overwrite=args.overwrite)   # before any work
     if args.population is not None:
         from mrm_ray import zoo
         if args.population not in zoo.ZOO:
             raise UserError(f"unknown population {args.population!r}; known: {', '.join(zoo.ZOO)}")
-        g = write_zoo_population(args.out, args.population, users=args.users, dim=args.dim, seed=args.seed)
+        g = write_zoo_population(args.out, args.population, users=args.users, dim=args.dim, seed=args.seed,
+                                 overwrite=args.overwrite)
         print(f"wrote {{'population': {args.population!r}, 'users': {g.spec.users}, 'pairs': {len(g.user)}, "
               f"'dim': {g.spec.dim}, 'out': {args.out!r}}}")
         return 0
@@ -198,9 +202,9 @@ def run(args) -> int:
     if args.kind == "text":
         from mrm_ray.synth_text import write_text_population
         summary = write_text_population(args.out, users=args.users, pairs_per_user=args.pairs_per_user,
-                                        seed=args.seed)
+                                        seed=args.seed, overwrite=args.overwrite)
     else:
         summary = write_embedding_population(args.out, args.users, args.pairs_per_user, args.dim, args.seed,
-                                             dtype=args.dtype)
+                                             dtype=args.dtype, overwrite=args.overwrite)
     print(f"wrote {summary}")
     return 0

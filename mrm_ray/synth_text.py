@@ -202,7 +202,7 @@ def generate(users: int, pairs_per_user: int, seed: int = 0, n_types: int = len(
 
 def write_text_population(out_uri: str, users: int = 200, pairs_per_user: int = 20, seed: int = 0,
                           n_types: int = len(TYPES), beta: float = 3.0, personal: float = 0.3,
-                          min_margin: float = 0.3) -> dict:
+                          min_margin: float = 0.3, overwrite: bool = False) -> dict:
     """Write the pairs table and its ground truth under out_uri (atomically); return a summary."""
     pairs, user_truth, pair_truth = generate(users, pairs_per_user, seed, n_types, beta, personal, min_margin)
     k = len(ATTRIBUTES)
@@ -219,7 +219,7 @@ def write_text_population(out_uri: str, users: int = 200, pairs_per_user: int = 
             "types": {t: {"share": s, "prototype": p} for t, (s, p) in list(TYPES.items())[:n_types]},
             "users": users, "pairs_per_user": pairs_per_user, "seed": seed, "beta": beta, "personal": personal,
             "min_margin": min_margin}
-    with storage.atomic_output(out_uri) as staging:
+    with storage.atomic_output(out_uri, "synth", overwrite=overwrite) as staging:
         fs, path = storage.resolve(staging)
         for table, rel in ((pairs_table, "part-00000.parquet"), (users_table, "_truth/part-00000.parquet"),
                            (pairs_truth, "_truth_pairs/part-00000.parquet")):

@@ -24,12 +24,14 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import yaml
 
 from mrm_ray import config as config_mod
 from mrm_ray import contract as C
 from mrm_ray import reference, runs, storage, tasks
 from mrm_ray.errors import UserError
+from mrm_ray.lease import Lease
 
 log = logging.getLogger(__name__)
 SCAN_COLUMNS = [C.USER_ID, C.PAIR_ID, C.CONV_ID, C.SPLIT, C.CHOSEN_EMB, C.REJECTED_EMB]
@@ -45,15 +47,17 @@ class Scan:
 
 def scan_embeddings(uri: str, cfg: config_mod.TrainConfig) -> Scan:
     """Validate the whole table and count pairs per user, streaming (bounded memory)."""
-    schema = storage.schema(uri)
+    schema = storage.check_table(uri)
     C.require_columns(schema, C.EMBEDDINGS_REQUIRED, "embeddings")
     columns = [c for c in SCAN_COLUMNS if c in schema.names]
     counts: list[pd.DataFrame] = []
     dim, sq, n_sq, pairs = None, 0.0, 0, 0
+    pair_ids = C.UniqueIds(C.PAIR_ID, "embeddings")
     for batch in storage.iter_batches(uri, columns=columns):
         t = C.normalize_embeddings(batch, dim=dim)
         if not t.num_rows:
             continue
+        pair_ids.add(t.column(C.PAIR_ID))
         dim = t.schema.field(C.CHOSEN_EMB).type.list_size
         uid = t.column(C.USER_ID).to_numpy(zero_copy_only=False)
         is_test = pc.equal(t.column(C.SPLIT), C.TEST).to_numpy(zero_copy_only=False)
@@ -67,6 +71,7 @@ def scan_embeddings(uri: str, cfg: config_mod.TrainConfig) -> Scan:
         pairs += t.num_rows
     if dim is None:
         raise UserError(f"embeddings table {uri} has no rows")
+    pair_ids.check()
     per_user = pd.concat(counts).groupby(level=0).sum().sort_index()
     uid = per_user.index.to_numpy(dtype=object)
     train = per_user["train_pairs"].to_numpy(np.int64)
@@ -159,12 +164,25 @@ def data_start(cfg: config_mod.TrainConfig, uri: str, seen_users: pa.Table, dim:
 
 def train_local(cfg: config_mod.TrainConfig, uri: str, run_uri: str, seen_users: pa.Table, dim: int,
                 start: dict | None = None):
-    """Single-process meta-training with a resumable state file in the run directory."""
+    """Single-process meta-training with resumable state files in the run directory.
+
+    checkpoints/local/state.pt is the latest epoch's state, state.prev.pt the one before: a
+    damaged latest state falls back to the previous one (and says so).
+    """
     from mrm_ray.meta import meta_train
-    state_uri = storage.join(run_uri, "checkpoints", "local", "state.pt")
-    state = runs.state_from_bytes(storage.read_bytes(state_uri)) if storage.exists(state_uri) else None
-    if state:
-        log.info("resuming from %s (epoch %d)", state_uri, state.epoch)
+    folder = storage.join(run_uri, "checkpoints", "local")
+    state = None
+    for name in ("state.pt", "state.prev.pt"):
+        uri_ = storage.join(folder, name)
+        if not storage.exists(uri_):
+            continue
+        try:
+            state = runs.state_from_bytes(storage.read_bytes(uri_))
+        except Exception as e:  # noqa: BLE001 - any damage: a truncated file, garbage, a foreign pickle
+            log.warning("checkpoint %s is unreadable (%s); trying an older one", uri_, str(e).splitlines()[0][:120])
+            continue
+        log.info("resuming from %s (epoch %d)", uri_, state.epoch)
+        break
     shard = seen_train_pairs(uri, seen_users, cfg)
     head = runs.build_head(dim, cfg)
     if start is not None and state is None:
@@ -172,7 +190,10 @@ def train_local(cfg: config_mod.TrainConfig, uri: str, run_uri: str, seen_users:
     index = reference_index(seen_users, shard.user_ids)
 
     def checkpoint(st, metrics):
-        storage.write_bytes(state_uri, runs.state_to_bytes(st))
+        latest = storage.join(folder, "state.pt")
+        if storage.exists(latest):
+            storage.write_bytes(storage.join(folder, "state.prev.pt"), storage.read_bytes(latest))
+        storage.write_bytes(latest, runs.state_to_bytes(st))
     return head, meta_train(cfg, head, shard, shard.n_users, state=state, on_epoch_end=checkpoint,
                             reference_index=index)
 
@@ -240,8 +261,34 @@ def add_arguments(p) -> None:
                    help="config overrides, e.g. epochs=5 inner.lr=2.0 rpo.alpha=0.3")
 
 
+def check_run_directory(out: str, embeddings: str) -> None:
+    """Before anything: --out is new, empty, or a run directory of mrm train; never inside the table."""
+    storage.check_overlap(out, [embeddings])
+    if not storage.exists(out):
+        return
+    if not storage.is_dir(out):
+        raise UserError(f"--out {out} is a file; give a run directory (new or empty)")
+    if runs.is_run_directory(out):
+        return
+    fs, path = storage.resolve(out)
+    entries = [i.base_name for i in fs.get_file_info(pafs.FileSelector(path)) if i.base_name != "_lock"]
+    if entries:
+        raise UserError(f"--out {out} is not empty and is not a run directory of mrm train (it holds "
+                        f"{entries[0]}{' and more' if len(entries) > 1 else ''}); choose a new or empty folder")
+
+
 def run(args) -> int:
+    check_run_directory(args.out, args.embeddings)
+    with Lease(args.out, "train"):   # one mrm train per run directory at a time
+        return _run(args)
+
+
+def _run(args) -> int:
     cfg, resuming = resolve_config(args, args.out)
+    runs.check_inputs(args.out, args.embeddings)  # a resume trains on the same table, or not at all
+    if not args.local:  # what the workers need must be there (or coming) before any work
+        from mrm_ray.train_ray import check_cluster
+        check_cluster(cfg)
     scan = scan_embeddings(args.embeddings, cfg)
     users = scan.users
     skipped = int(pc.sum(users.column("skipped")).as_py())
@@ -258,7 +305,8 @@ def run(args) -> int:
         storage.write_json(storage.join(args.out, runs.START), report)
     if not resuming:
         runs.save_config(args.out, cfg)
-    storage.write_table(users, storage.join(args.out, runs.USERS))
+        runs.save_inputs(args.out, args.embeddings)
+    storage.write_table(users, storage.join(args.out, runs.USERS), "train", overwrite=True)
     if args.local:
         head, state = train_local(cfg, args.embeddings, args.out, seen, scan.dim, start)
     else:
@@ -269,7 +317,7 @@ def run(args) -> int:
                                           "best_val_accuracy": state.best_val_accuracy,
                                           "seen_users": seen.num_rows, "skipped_users": skipped})
     storage.write_json(storage.join(args.out, runs.HISTORY), state.history)
-    chosen = (f"the final epoch (no validation carve)" if cfg.select_metric == "last" or cfg.val_ratio == 0 else
+    chosen = ("the final epoch (no validation carve)" if cfg.select_metric == "last" or cfg.val_ratio == 0 else
               f"best epoch {state.best_epoch} (validation accuracy {state.best_val_accuracy:.4f}, "
               f"loss {state.best_val_loss:.4f})")
     print(f"trained {state.epoch} epochs on {seen.num_rows} seen users; kept {chosen}; run: {args.out}")

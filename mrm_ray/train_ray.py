@@ -29,8 +29,8 @@ the same or another number of workers: the steps do not depend on it.
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -46,8 +46,7 @@ from ray.train import DataConfig
 
 from mrm_ray import config as config_mod
 from mrm_ray import contract as C
-from mrm_ray import meta, runs, storage, tasks
-from mrm_ray.errors import UserError
+from mrm_ray import meta, raytools, runs, storage, tasks
 from mrm_ray.model import MRMHead
 
 log = logging.getLogger(__name__)
@@ -136,8 +135,35 @@ def _cpu(obj):
 
 
 def read_state(checkpoint) -> meta.TrainState:
-    with checkpoint.as_directory() as d:
-        return runs.state_from_bytes(Path(d, STATE_FILE).read_bytes())
+    """The state in a Ray Train checkpoint; if it is damaged, the newest readable older checkpoint's."""
+    try:
+        with checkpoint.as_directory() as d:
+            return runs.state_from_bytes(Path(d, STATE_FILE).read_bytes())
+    except Exception as e:  # noqa: BLE001 - any damage: a truncated file, garbage, a missing file
+        fs, path = checkpoint.filesystem, checkpoint.path.rstrip("/")
+        log.warning("checkpoint %s is unreadable (%s); falling back to the newest readable older one", path,
+                    str(e).splitlines()[0][:120])
+        state = _newest_readable(fs, path.rsplit("/", 1)[0], before=path.rsplit("/", 1)[1])
+        if state is None:
+            raise RuntimeError(f"no readable checkpoint left under {path.rsplit('/', 1)[0]}") from None
+        return state
+
+
+def _newest_readable(fs, base: str, before: str | None = None) -> meta.TrainState | None:
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
+    except OSError as e:
+        raise storage.StorageError(f"cannot list {base}: {str(e).splitlines()[0]}") from None
+    dirs = sorted((i.path for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("epoch-")
+                   and (before is None or i.base_name < before)), reverse=True)
+    for d in dirs:
+        try:
+            with fs.open_input_stream(f"{d}/{STATE_FILE}") as f:
+                return runs.state_from_bytes(f.read())
+        except Exception:  # noqa: BLE001 - missing, half-written (a crash during upload) or damaged: try older
+            log.warning("checkpoint %s is unreadable; trying an older one", d)
+            continue
+    return None
 
 
 def train_worker(config: dict) -> None:
@@ -191,41 +217,50 @@ def checkpoint_root(run_uri: str) -> str:
 
 
 def latest_state(run_uri: str) -> meta.TrainState | None:
-    """The newest complete checkpoint of the run's Ray Train run, or None."""
+    """The newest readable checkpoint of the run's Ray Train run, or None."""
     fs, base = storage.resolve(storage.join(checkpoint_root(run_uri), RUN_NAME))
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
-    except OSError as e:
-        raise storage.StorageError(f"cannot list {run_uri}: {str(e).splitlines()[0]}") from None
-    dirs = sorted((i.path for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("epoch-")),
-                  reverse=True)
-    for d in dirs:
-        try:
-            with fs.open_input_stream(f"{d}/{STATE_FILE}") as f:
-                return runs.state_from_bytes(f.read())
-        except (OSError, RuntimeError, EOFError):  # missing or half-written (a crash during upload)
-            continue
-    return None
+    return _newest_readable(fs, base)
 
 
-def _ensure_ray() -> None:
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, configure_logging=False)
+def check_cluster(cfg: config_mod.TrainConfig) -> None:
+    """Connect to Ray and refuse a worker group it cannot host (see _check_resources)."""
+    raytools.ensure_ray()
+    _check_resources(cfg)
 
 
 def _check_resources(cfg: config_mod.TrainConfig) -> None:
-    """Refuse a worker group that would leave no CPU for the reads feeding it (Ray Data would wait forever)."""
-    cpus = float(ray.cluster_resources().get("CPU", 0))
-    want = cfg.num_workers * cfg.cpus_per_worker
-    if want > cpus:
-        log.warning("%d workers x %g CPUs need more than the cluster's %g CPUs: waiting for the autoscaler",
-                    cfg.num_workers, cfg.cpus_per_worker, cpus)
-    elif cpus - want < 0.5:
-        raise UserError(f"num_workers x cpus_per_worker = {want:g} CPUs leaves no CPU of this cluster's {cpus:g} "
-                        f"for reading the table; lower cpus_per_worker (e.g. cpus_per_worker=0.5)")
-    if cfg.use_gpu and float(ray.cluster_resources().get("GPU", 0)) < cfg.num_workers:
-        log.warning("use_gpu=true with %d workers, the cluster has %g GPUs now: waiting for the autoscaler",
-                    cfg.num_workers, ray.cluster_resources().get("GPU", 0))
+    """Before Ray Train waits: the worker group fits (or an autoscaler will make it fit), and leaves
+    a CPU for the reads that feed it (Ray Data would wait forever for one)."""
+    raytools.require_resources(cfg.num_workers * cfg.cpus_per_worker + 0.5, cfg.num_workers if cfg.use_gpu else 0,
+                               f"{cfg.num_workers} Ray Train worker(s) x {cfg.cpus_per_worker:g} CPU"
+                               f"{' and 1 GPU' if cfg.use_gpu else ''}, plus 0.5 CPU for reading the table")
+
+
+_INTERRUPTED = threading.Event()
+
+
+def _trainer_class():
+    """TorchTrainer whose Ctrl-C stops the run like Ray's own handler (the controller aborts the
+    workers; checkpoints stay), then lets `mrm train` exit 130 with one line, where Ray's handler
+    would end the process itself.  A second Ctrl-C leaves at once."""
+    import signal
+
+    class Trainer(ray.train.torch.TorchTrainer):
+        def _register_sigint_handler(self, controller):
+            _INTERRUPTED.clear()
+
+            def handler(signum, frame):
+                if _INTERRUPTED.is_set():
+                    raise KeyboardInterrupt
+                _INTERRUPTED.set()
+                log.warning("interrupted: stopping the workers (Ctrl-C again to leave at once); "
+                            "re-run the same command to resume from the last checkpoint")
+                try:
+                    ray.get(controller.abort.remote(), timeout=60)
+                except Exception:  # noqa: BLE001 - the controller may already be gone
+                    pass
+            signal.signal(signal.SIGINT, handler)
+    return Trainer
 
 
 def selected_head(dim: int, cfg: config_mod.TrainConfig, state: meta.TrainState) -> MRMHead:
@@ -246,7 +281,7 @@ def fit(cfg: config_mod.TrainConfig, embeddings_uri: str, run_uri: str, seen_use
         log.info("%s already holds a checkpoint of the last epoch (%d); nothing to train", run_uri, done.epoch)
         return selected_head(dim, cfg, done), done
 
-    _ensure_ray()
+    raytools.ensure_ray()
     _check_resources(cfg)
     files = storage.parquet_files(embeddings_uri)
     in_fs, _ = storage.resolve(embeddings_uri)
@@ -260,7 +295,7 @@ def fit(cfg: config_mod.TrainConfig, embeddings_uri: str, run_uri: str, seen_use
     bars, data_ctx.enable_progress_bars = data_ctx.enable_progress_bars, False
     train = ray.train
     try:
-        trainer = train.torch.TorchTrainer(
+        trainer = _trainer_class()(
             train_worker,
             train_loop_config={"cfg": config_mod.to_dict(cfg), "dim": dim, "n_users": len(seen_ids),
                                "start": start, "reference_index": None if cfg.reference_mode == "none" else dict(
@@ -278,11 +313,20 @@ def fit(cfg: config_mod.TrainConfig, embeddings_uri: str, run_uri: str, seen_use
         log.info("meta-training %d seen users on %d Ray Train worker(s) (%s); checkpoints in %s", len(seen_ids),
                  cfg.num_workers, "GPU, nccl" if cfg.use_gpu else "CPU, gloo", checkpoint_root(run_uri))
         result = trainer.fit()
-    except train.TrainingFailedError:
+    except (train.TrainingFailedError, ray.exceptions.RayActorError, SystemExit) as e:
+        if _INTERRUPTED.is_set():
+            raise KeyboardInterrupt from None
+        if not isinstance(e, train.TrainingFailedError):
+            raise
+        err = raytools.user_error(e)
+        if err is not None:   # a mistake in the input, found by a worker: one line, as anywhere else
+            raise err from None
         log.error("training failed; re-run the same `mrm train` command to resume from the last checkpoint")
         raise
     finally:
         data_ctx.enable_progress_bars = bars
+    if _INTERRUPTED.is_set():
+        raise KeyboardInterrupt
     state = read_state(result.checkpoint) if result.checkpoint is not None else latest_state(run_uri)
     if state is None:
         raise RuntimeError(f"training finished without a checkpoint in {checkpoint_root(run_uri)}")

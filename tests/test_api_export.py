@@ -182,9 +182,12 @@ def test_exported_logit_equals_mrm_reward(tmp_path, backbones, kind, capsys):
     assert cfg["mrm_user"] == "alice" and len(cfg["id2label"]) == 1 and cfg["architectures"] == ["LlamaForSequenceClassification"]
     assert cfg["mrm"]["source"] == "support" and cfg["mrm"]["n_support"] == n
     assert cfg["mrm"]["theta"] == pytest.approx(alice.theta.tolist(), abs=1e-6)
-    # bob's pairs are alice's the other way round: another user, other weights; re-export over a previous export
-    assert cli.main(["export-hf", "--run", run_uri, "--user", "bob", "--backbone", backbone, "--out", out,
-                     "--support", str(tmp_path / "support")]) == 0
+    # bob's pairs are alice's the other way round: another user, other weights; re-export over a previous
+    # export needs --overwrite
+    bob_args = ["export-hf", "--run", run_uri, "--user", "bob", "--backbone", backbone, "--out", out,
+                "--support", str(tmp_path / "support")]
+    assert cli.main(bob_args) == 2 and "--overwrite" in capsys.readouterr().err
+    assert cli.main([*bob_args, "--overwrite"]) == 0
     bob = json.load(open(f"{out}/config.json"))
     assert bob["mrm_user"] == "bob" and bob["mrm"]["theta"] == pytest.approx(rm.adapt(rj, ch).theta.tolist(), abs=1e-6)
     assert bob["mrm"]["theta"] != pytest.approx(alice.theta.tolist(), abs=1e-3)
@@ -203,8 +206,10 @@ def test_export_from_weights_and_absent_user_gets_prior(tmp_path, backbones, cap
     torch.testing.assert_close(head.weight[0], carol.vector)
     assert head.bias is None
     with caplog.at_level(logging.WARNING):
-        assert cli.main(["export-hf", "--run", run_uri, "--user", "dave", "--backbone", backbones["reward-model"],
-                         "--out", str(tmp_path / "dave"), "--weights", str(tmp_path / "weights")]) == 0
+        dave = ["export-hf", "--run", run_uri, "--user", "dave", "--backbone", backbones["reward-model"],
+                "--out", str(tmp_path / "dave"), "--weights", str(tmp_path / "weights")]
+        assert cli.main(dave) == 2                      # a user nobody adapted: only with --prior
+        assert cli.main([*dave, "--prior"]) == 0
     assert any("dave" in r.message and "prior" in r.message for r in caplog.records)
     cfg = json.load(open(tmp_path / "dave" / "config.json"))
     assert cfg["mrm"]["prior"] and cfg["mrm"]["source"] == "prior" and cfg["mrm"]["theta"] == pytest.approx(THETA0)
@@ -214,11 +219,12 @@ def test_export_errors_are_one_line(tmp_path, backbones, capsys):
     run16 = make_run(str(tmp_path / "run16"), 16)
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "notes.txt").write_text("mine")
-    cases = [(["--run", run16, "--backbone", backbones["reward-model"], "--out", str(tmp_path / "o")], "hidden size 48"),
+    cases = [(["--run", run16, "--backbone", backbones["reward-model"], "--out", str(tmp_path / "o"), "--prior"],
+              "hidden size 48"),
              (["--run", str(tmp_path / "nope"), "--backbone", backbones["reward-model"], "--out", str(tmp_path / "o")],
               "no run directory"),
              (["--run", make_run(str(tmp_path / "run48"), 48), "--backbone", backbones["reward-model"],
-               "--out", str(tmp_path / "taken")], "not an mrm export")]
+               "--out", str(tmp_path / "taken")], "not empty")]
     for args, message in cases:
         assert cli.main(["export-hf", "--user", "x", *args]) == 2
         err = capsys.readouterr().err.strip()
@@ -243,7 +249,7 @@ def test_docstring_example_runs(tmp_path, backbones):
 def test_export_to_s3(tmp_path, backbones, s3_bucket):
     run_uri = make_run(f"{s3_bucket}/run", 48, scale=0.1)
     assert cli.main(["export-hf", "--run", run_uri, "--user", "erin", "--backbone", backbones["reward-model"],
-                     "--out", f"{s3_bucket}/models/erin"]) == 0            # no weights anywhere: the prior
+                     "--out", f"{s3_bucket}/models/erin", "--prior"]) == 0   # no weights anywhere: the prior
     cfg = json.loads(storage.read_bytes(f"{s3_bucket}/models/erin/config.json"))
     assert cfg["mrm_user"] == "erin" and cfg["mrm"]["source"] == "prior"
     assert storage.exists(f"{s3_bucket}/models/erin/model.safetensors")

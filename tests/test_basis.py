@@ -1,5 +1,4 @@
 """The data-driven start (mrm_ray.basis) and Newton adaptation: known answers and reference loops."""
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F

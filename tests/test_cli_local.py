@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mrm_ray import contract as C
+from mrm_ray import storage, contract as C
 from mrm_ray.cli import COMMANDS
 
 MRM = [sys.executable, "-m", "mrm_ray.cli"]
@@ -46,7 +46,7 @@ def population(tmp_path_factory):
 
 
 def test_synth_writes_contract_table_with_truth(population):
-    t = pq.read_table(population / "part-00000.parquet")
+    t = storage.read_table(str(population))
     C.normalize_embeddings(t)
     assert set(t.column(C.SPLIT).to_pylist()) == {"train", "test"}
     assert (population / "_SUCCESS").exists()
@@ -99,7 +99,7 @@ def test_bad_inputs_exit_with_one_line(tmp_path, population):
                               check=False), "rpo.alpha must be in (0, 1]")
     bad = tmp_path / "nan"
     bad.mkdir()
-    t = pq.read_table(population / "part-00000.parquet").slice(0, 50)
+    t = storage.read_table(str(population)).slice(0, 50)
     emb = np.stack(t.column(C.CHOSEN_EMB).to_numpy(zero_copy_only=False))
     emb[7, 3] = np.nan
     t = t.set_column(t.schema.get_field_index(C.CHOSEN_EMB), C.CHOSEN_EMB,

@@ -143,10 +143,10 @@ def test_pipeline_matches_reference_left_padding_and_reruns_identically(ray_loca
     first = storage.read_table(out)
     assert first.schema.field(C.CHOSEN_EMB).type == C.emb_type(48)
     check_against_reference(first, reference, pairs)
-    # A rerun over the same output replaces it with the same table: same rows, same order, same
+    # A rerun over the same output (with --overwrite) replaces it with the same table: same rows, same order, same
     # numbers (bit-for-bit in practice; the BLAS may round the last bit differently between
     # processes when memory alignment differs, so the values are compared at 1e-6).
-    assert embed_cli(str(tmp_path / "pairs"), out, models["left"]) == 0
+    assert embed_cli(str(tmp_path / "pairs"), out, models["left"], "--overwrite") == 0
     again = storage.read_table(out)
     assert again.schema == first.schema
     assert again.drop_columns([C.CHOSEN_EMB, C.REJECTED_EMB, C.CHOSEN_SCORE, C.REJECTED_SCORE]).equals(

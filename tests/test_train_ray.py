@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -50,6 +49,7 @@ def assert_heads_close(a: dict, b: dict, atol: float = 1e-5) -> None:
 def write_population(uri: str) -> None:
     """1,000 synthetic users, plus 8 seen users with a single train pair (to be skipped and counted)."""
     write_embedding_population(uri, users=1000, pairs_per_user=40, dim=16, seed=0)
+    synth = storage.read_table(uri)
     ids = [u for u in (f"few{i:03d}" for i in range(100)) if tasks.seen_mask([u], 0, 0.5)[0]][:8]
     rng = np.random.default_rng(1)
     rows = [(u, f"{u}-{j}", f"{u}-c{j}", C.TRAIN if j == 0 else C.TEST) for u in ids for j in range(3)]
@@ -57,8 +57,10 @@ def write_population(uri: str) -> None:
     extra = pa.table({C.USER_ID: [r[0] for r in rows], C.PAIR_ID: [r[1] for r in rows],
                       C.CONV_ID: [r[2] for r in rows], C.SPLIT: [r[3] for r in rows],
                       C.CHOSEN_EMB: emb(), C.REJECTED_EMB: emb()})
-    fs, path = storage.resolve(uri)
-    pq.write_table(extra.cast(C.embeddings_schema(16)), f"{path}/part-00001.parquet", filesystem=fs)
+    truth = storage.read_table(storage.join(uri, "_truth"))
+    with storage.atomic_output(uri, "synth", overwrite=True) as staging:   # one table: the synth rows + the extra
+        storage.write_staged(pa.concat_tables([synth, extra.cast(synth.schema)]), staging)
+        storage.write_staged(truth, storage.join(staging, "_truth"))
 
 
 @pytest.fixture(scope="module")
