@@ -7,7 +7,7 @@ The per-user loop is the reference's way of adapting a user: copy the model,
 a fresh torch.optim.Adam on the user weights, forward chosen and rejected
 through the base heads, backward, step; one user at a time.  The batched path
 is what evaluation and scoring run: one (rows, d) x (d, K) product for all
-users' pairs, then `mrm_ray.adapt.adapt` on K floats per pair, users
+users' pairs, then `mrm_ray.core.adapt.adapt` on K floats per pair, users
 flattened with segment ops.  Both produce the same adapted weights (checked
 here, and in tests/test_adapt.py).
 """
@@ -20,9 +20,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from mrm_ray.adapt import InnerConfig, adapt
-from mrm_ray.meta import single_thread
-from mrm_ray.model import ModelConfig, MRMHead
+from mrm_ray.core.adapt import InnerConfig, adapt
+from mrm_ray.core.meta import single_thread
+from mrm_ray.core.model import ModelConfig, MRMHead
 
 
 def per_user_loop(head: MRMHead, ch: torch.Tensor, rj: torch.Tensor, cfg: InnerConfig) -> torch.Tensor:

@@ -30,7 +30,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from mrm_ray import contract as C
+from mrm_ray.data import contract as C
 from mrm_ray.embed import PairEncoder, default_cpu_model, load_backbone, pair_conversations
 from mrm_ray.synth_text import generate
 

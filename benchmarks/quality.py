@@ -13,7 +13,7 @@ MRM variant), so every method sees the same seen/unseen split, the same caps and
 the same support pairs.  Methods:
 
   shared BT        one Bradley-Terry reward for everyone
-  LoRe, PReF       low-rank baselines (mrm_ray.baselines)
+  LoRe, PReF       low-rank baselines (mrm_ray.core.baselines)
   MRM ref.         the reference's recipe (--preset reddit: softmax mix, one Adam step)
   MRM 0.1.0        0.1.0's default (softmax mix, one SGD step, random start)
   MRM, no RPO      the default without the robust objective
@@ -43,11 +43,13 @@ import pyarrow as pa
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mrm_ray import compare, storage, synth, tasks, zoo  # noqa: E402
-from mrm_ray import contract as C  # noqa: E402
-from mrm_ray import metrics as M  # noqa: E402
-from mrm_ray.baselines import fit_users_newton  # noqa: E402
-from mrm_ray.meta import single_thread  # noqa: E402
+from mrm_ray import compare, synth, zoo  # noqa: E402
+from mrm_ray.core import splits  # noqa: E402
+from mrm_ray.data import storage  # noqa: E402
+from mrm_ray.data import contract as C  # noqa: E402
+from mrm_ray.core import metrics as M  # noqa: E402
+from mrm_ray.core.baselines import fit_users_newton  # noqa: E402
+from mrm_ray.core.meta import single_thread  # noqa: E402
 
 SHOTS = (1, 4, 16)
 METHODS = [("shared_bt", "shared BT"), ("lore", "LoRe"), ("pref", "PReF"), ("mrm_ref", "MRM, reference preset"),
@@ -77,7 +79,7 @@ def in_span_bound(embeddings: str, g: zoo.Generated, seed: int) -> dict[str, np.
     out = {"user_id": shard.user_ids.astype(str), "bound_accuracy": accuracy(~shard.is_test)}
     for k in compare.SHOTS:
         out[f"bound_acc_{k}_shot"] = np.where(n_train >= k, accuracy(
-            tasks.cap_pairs(shard, k, seed, eligible=~shard.is_test)), np.nan)
+            splits.cap_pairs(shard, k, seed, eligible=~shard.is_test)), np.nan)
     return out
 
 

@@ -39,9 +39,10 @@ import pyarrow as pa
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mrm_ray import cli, config, runs, storage, synth  # noqa: E402
-from mrm_ray import contract as C  # noqa: E402
-from mrm_ray import metrics as M  # noqa: E402
+from mrm_ray import cli, config, synth  # noqa: E402
+from mrm_ray.data import runs, storage  # noqa: E402
+from mrm_ray.data import contract as C  # noqa: E402
+from mrm_ray.core import metrics as M  # noqa: E402
 
 REDDIT_FLAGS = ["--dataset", "REDDIT", "--seen_train_limit", "100", "--unseen_train_limit", "50",
                 "--hidden_layers", "2", "--inner_lr", "5e-3", "--meta_lr", "5e-3", "--train_inner_epochs", "1",

@@ -7,8 +7,8 @@
 
 kernel: users per second for adapt + score (16 support pairs and 8 candidates per user
   at d=4096, the run's default inner loop), three ways in one process on the same data:
-    batched   mrm_ray.score.Scorer: thousands of users per call (what `mrm score` runs)
-    per-user  the same Scorer called once per user (a plain Python loop)
+    batched   mrm_ray.core.personalize.Personalizer: thousands of users per call (what `mrm score` runs)
+    per-user  the same Personalizer called once per user (a plain Python loop)
     reference the MRM README's adapt_single_user: deepcopy the head, a fresh Adam, backward
               through the head on the raw embeddings, then infer_on_pairs-style scoring
   and the batched kernel's embedding bytes read per second as a share of this machine's
@@ -38,9 +38,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mrm_ray.adapt import InnerConfig  # noqa: E402
-from mrm_ray.model import ModelConfig, MRMHead, bt_loss  # noqa: E402
-from mrm_ray.score import Scorer  # noqa: E402
+from mrm_ray.core.adapt import InnerConfig  # noqa: E402
+from mrm_ray.core.model import ModelConfig, MRMHead, bt_loss  # noqa: E402
+from mrm_ray.core.personalize import Personalizer  # noqa: E402
 
 
 def best_time(fn, reps: int, sync=lambda: None) -> float:
@@ -62,7 +62,6 @@ def copy_bandwidth(device, gib: float = 1.0, reps: int = 5, sync=lambda: None) -
     y = torch.empty_like(x)
     t_copy = best_time(lambda: y.copy_(x), reps, sync)
     t_read = best_time(lambda: x.sum(), reps, sync)
-    del x, y
     return {"copy_GBps": 2 * n * 4 / t_copy / 1e9, "read_GBps": n * 4 / t_read / 1e9}
 
 
@@ -93,7 +92,7 @@ def kernel(dim: int, users: int, loop_users: int, support: int, candidates: int,
     torch.manual_seed(0)
     head = MRMHead(dim, ModelConfig(n_heads=2, input_scale=0.01, init_std=0.1))
     inner = InnerConfig(steps=1, lr=5.0, optimizer="sgd")       # the default preset's inner loop
-    scorer = Scorer(head.weight().detach().to(device), head.theta0.detach().to(device), inner)
+    scorer = Personalizer(head.weight().detach().to(device), head.theta0.detach().to(device), inner)
     ch = torch.randn(users * support, dim, device=device)
     rj = torch.randn(users * support, dim, device=device)
     cand = torch.randn(users * candidates, dim, device=device)
@@ -177,8 +176,8 @@ def write_candidates(out: str, users: int, extra: int, per_user: int, dim: int, 
     """Candidates for u00000000.. (the synth users) and `extra` users n00000000.. with no pairs."""
     import pyarrow as pa
 
-    from mrm_ray import contract as C
-    from mrm_ray import storage
+    from mrm_ray.data import contract as C
+    from mrm_ray.data import storage
 
     rng = np.random.default_rng(seed)
     with storage.atomic_output(out) as staging:
@@ -224,7 +223,8 @@ def mrm(*argv, **kw):
 
 
 def e2e_mode(args) -> None:
-    from mrm_ray import storage, synth
+    from mrm_ray import synth
+    from mrm_ray.data import storage
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,7 @@
     python benchmarks/train.py                                  # d=64, 4096 users, meta-batch 256
     python benchmarks/train.py --dim 1024 --users 2048          # larger embeddings: memory bound
     python benchmarks/train.py --preset prism --tasks-per-batch 2   # the reference's meta-batch
+    python benchmarks/train.py --dim 1024 --users 2048 --workers 0 --memory   # float32 vs bfloat16 shards
 
 One run, same data, same config, same global meta-batches:
 
@@ -10,15 +11,16 @@ One run, same data, same config, same global meta-batches:
                   forward through the base heads, a fresh inner optimizer, autograd
                   through the inner step (create_graph), its query loss; then RPO
                   over the B losses, one backward, one Adam step.
-  batched, 1 wkr  what `mrm train` runs (mrm_ray.meta): one (rows, d) x (d, K) product
+  batched, 1 wkr  what `mrm train` runs (mrm_ray.core.meta): one (rows, d) x (d, K) product
                   for all B users' pairs, `adapt` on K floats per pair with segment
                   ops, RPO, backward, all-reduce (a no-op here), Adam.
   batched, 2 wkr  the same step in 2 processes joined by torch.distributed (gloo),
-                  users sharded by user hash as Ray Train does (mrm_ray.train_ray):
+                  each reading only its user buckets as Ray Train does (mrm_ray.train_ray;
+                  it prints the bytes each worker read):
                   per step one all-gather of the B query losses and one all-reduce
                   of the meta-gradient.
 
-Every path runs torch on one thread per worker (mrm_ray.meta.single_thread), so
+Every path runs torch on one thread per worker (mrm_ray.core.meta.single_thread), so
 "per worker" is per core; rates are those of the median step.  The first step
 of the loop and of the batched path are checked to give the same losses and
 the same updated parameters.
@@ -33,33 +35,60 @@ import tempfile
 import time
 
 import numpy as np
+import pyarrow.compute as pc
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from mrm_ray import config as config_mod
-from mrm_ray import contract as C
-from mrm_ray import meta, rpo, runs, storage, tasks, train_ray
-from mrm_ray.adapt import adapt, task_losses
+from mrm_ray.core import meta, rpo, splits
+from mrm_ray.core.adapt import adapt, task_losses
+from mrm_ray.data import contract as C
+from mrm_ray.data import runs, shards
 from mrm_ray.synth import write_embedding_population
 
 
 # --- data and the meta-batches ------------------------------------------------------
-def load(emb: str, cfg, rank: int = 0, world: int = 1) -> tasks.UserPairs:
-    """All users' train pairs, or rank's share of the users (routed as mrm_ray.train_ray routes them)."""
-    table = storage.read_table(emb)
-    ids = np.unique(table.column(C.USER_ID).to_numpy(zero_copy_only=False))
-    hashes = np.sort(train_ray.user_hashes(ids, cfg.seed))
-    parts = [train_ray.rows_of_rank(table, seen_hashes=hashes, seed=cfg.seed, rank=rank, world=world,
-                                    dim=table.schema.field(C.CHOSEN_EMB).type.list_size)]
-    return train_ray.load_shard(parts, parts[0].schema.field(C.CHOSEN_EMB).type.list_size, cfg)
+def shard_table(emb: str, out: str, cfg) -> str:
+    """The driver's one validating pass, as `mrm train` makes it: every user's train rows into buckets of
+    whole users (mrm_ray.data.shards)."""
+    def train_rows(t):
+        return ~pc.equal(t.column(C.SPLIT), C.TEST).to_numpy(zero_copy_only=False)
+    shards.write_buckets(emb, out, cfg.shard_buckets, cfg.seed, normalize=C.normalize_embeddings, keep=train_rows)
+    return out
 
 
-def meta_batches(shard: tasks.UserPairs, cfg, n_global: int, comm: meta.Collective | None = None):
+def load(buckets: str, cfg, rank: int = 0, world: int = 1) -> tuple[splits.UserPairs, int]:
+    """Worker rank's share of the users, read from its buckets only (as mrm_ray.train_ray does); and the
+    bytes it read."""
+    uris = [shards.bucket_uri(buckets, b) for b in shards.buckets_of_rank(cfg.shard_buckets, rank, world)]
+    return shards.load(uris, cfg.seed), shards.bucket_bytes(uris)
+
+
+def memory_and_speed_by_dtype(buckets: str, cfg, steps: int) -> None:
+    """A worker's shard held as float32 vs bfloat16 (shard_dtype): bytes in memory and meta-step rate."""
+    import gc
+
+    import psutil
+    me = psutil.Process()
+    for dtype in (torch.float32, torch.bfloat16):
+        gc.collect()
+        before = me.memory_info().rss
+        uris = [shards.bucket_uri(buckets, b) for b in range(cfg.shard_buckets)]
+        shard = shards.load(uris, cfg.seed, dtype=dtype)
+        grown = me.memory_info().rss - before
+        with meta.single_thread():
+            rate = run_batched(shard, cfg, steps, meta.Collective(), shard.n_users)
+        print(f"shard as {str(dtype).split('.')[-1]:8s}: embeddings {shard.diff.nbytes / 1e6:8.1f} MB "
+              f"(process grew {grown / 1e6:8.1f} MB while loading), {rate:10.0f} user-tasks/s")
+        del shard
+
+
+def meta_batches(shard: splits.UserPairs, cfg, n_global: int, comm: meta.Collective | None = None):
     """support, query, and per step of epoch 0 (local users, every worker's share): the global meta-batches."""
     n_slots = max(1, math.ceil(n_global / cfg.tasks_per_batch))
-    support, query = tasks.support_query_masks(shard, cfg.query_ratio, cfg.seed, 0)
-    slot = tasks.epoch_slots(tasks.hash_ids(shard.user_ids, cfg.seed), n_slots, cfg.seed, 0)
+    support, query = splits.support_query_masks(shard, cfg.query_ratio, cfg.seed, 0)
+    slot = splits.epoch_slots(shard.user_hash, n_slots, cfg.seed, 0)
     local = torch.from_numpy(np.bincount(slot, minlength=n_slots)).to(torch.float64)
     shares = (comm or meta.Collective()).all_gather_rows(local).long()  # (world, n_slots), once per epoch
     return support, query, [(np.flatnonzero(slot == t), shares[:, t].tolist()) for t in range(n_slots)]
@@ -67,7 +96,7 @@ def meta_batches(shard: tasks.UserPairs, cfg, n_global: int, comm: meta.Collecti
 
 # --- the two ways of taking a meta-step ---------------------------------------------
 def batched_step(head, opt, shard, users, sizes, support, query, cfg, comm: meta.Collective) -> int:
-    """One meta-step exactly as mrm_ray.meta.meta_train takes it; returns the global meta-batch size."""
+    """One meta-step exactly as mrm_ray.core.meta.meta_train takes it; returns the global meta-batch size."""
     meta.meta_step(head, opt, shard, users, sizes, support, query, cfg, comm)
     return sum(sizes)
 
@@ -76,13 +105,15 @@ def per_user_step(head, opt, shard, users, support, query, cfg) -> torch.Tensor:
     """One meta-step the reference's way: one user at a time.  Returns the query losses."""
     losses = []
     w = head.weight()
+    args = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in head.inner_args().items()}
     for u in users:
         lo, hi = shard.offsets[u], shard.offsets[u + 1]
         diff, s, q = shard.diff[lo:hi], torch.from_numpy(support[lo:hi]), torch.from_numpy(query[lo:hi])
-        dphi_s, dphi_q = diff[s] @ w.T, diff[q] @ w.T                     # this user's base rewards
+        dphi_s, dphi_q = (diff[s] @ w.T).double(), (diff[q] @ w.T).double()   # this user's base rewards
         one = torch.zeros(len(dphi_s), dtype=torch.long)
-        theta = adapt(head.theta0, dphi_s, one, 1, cfg.inner, meta.inner_lr(head))  # fresh inner optimizer
-        losses.append(task_losses(theta, dphi_q, torch.zeros(len(dphi_q), dtype=torch.long))[0])
+        theta = adapt(head.theta0.double(), dphi_s, one, 1, cfg.inner, **args)  # a fresh inner loop
+        losses.append(task_losses(theta, dphi_q, torch.zeros(len(dphi_q), dtype=torch.long),
+                                  weights=head.cfg.weights)[0].to(head.theta0.dtype))
     losses = torch.stack(losses)
     opt.zero_grad()
     rpo.objective(losses, cfg.rpo).backward()
@@ -123,16 +154,16 @@ def _worker(rank: int, world: int, port: int, emb: str, cfg_dict: dict, steps: i
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         cfg = config_mod.from_dict(cfg_dict)
-        shard = load(emb, cfg, rank, world)
+        shard, read = load(emb, cfg, rank, world)
         with meta.single_thread():
             rate = run_batched(shard, cfg, steps, meta.Collective(), n_global)
-        if rank == 0:
-            out.put(rate)
+        out.put((rank, rate, read, shard.n_users))
     finally:
         dist.destroy_process_group()
 
 
-def run_distributed(emb: str, cfg, steps: int, world: int, n_global: int) -> float:
+def run_distributed(emb: str, cfg, steps: int, world: int, n_global: int) -> tuple[float, list]:
+    """(global user-tasks/s, [(rank, bytes read, users)] per worker)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -140,7 +171,8 @@ def run_distributed(emb: str, cfg, steps: int, world: int, n_global: int) -> flo
     out = ctx.SimpleQueue()
     mp.start_processes(_worker, args=(world, port, emb, config_mod.to_dict(cfg), steps, n_global, out),
                        nprocs=world, join=True, start_method="spawn")
-    return out.get()
+    got = sorted(out.get() for _ in range(world))
+    return got[0][1], [(rank, read, users) for rank, _, read, users in got]
 
 
 def check_same_step(shard, cfg) -> None:
@@ -176,6 +208,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20, help="timed batched meta-steps")
     ap.add_argument("--loop-steps", type=int, default=3, help="timed per-user-loop meta-steps")
     ap.add_argument("--workers", type=int, default=2, help="processes in the distributed run (0: skip)")
+    ap.add_argument("--memory", action="store_true",
+                    help="also compare a shard held as float32 and as bfloat16 (memory and speed)")
     ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, as for mrm train")
     args = ap.parse_args()
 
@@ -184,7 +218,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="mrm-bench-") as tmp:
         emb = os.path.join(tmp, "emb")
         write_embedding_population(emb, args.users, args.pairs_per_user, args.dim, seed=0)
-        shard = load(emb, cfg)
+        buckets = shard_table(emb, os.path.join(tmp, "shards"), cfg)
+        shard, table_bytes = load(buckets, cfg)
+        if cfg.model.n_heads == 0:  # K is chosen by the data-driven start in `mrm train`; speed needs a K
+            cfg.model.n_heads = 2
         if cfg.model.auto_input_scale:  # as `mrm train` does
             rms = float(shard.diff.pow(2).sum(1).mean().sqrt())
             cfg.model.input_scale, cfg.model.auto_input_scale = 1.0 / rms, False
@@ -210,10 +247,15 @@ def main() -> None:
         print(f"per-user loop (reference)  : {loop:10.0f} user-tasks/s")
         print(f"batched, 1 worker          : {one:10.0f} user-tasks/s   {one / loop:6.1f}x the loop")
         if args.workers > 1:
-            many = run_distributed(emb, cfg, args.steps, args.workers, n)
+            many, reads = run_distributed(buckets, cfg, args.steps, args.workers, n)
+            for rank, read, users in reads:
+                print(f"worker {rank}: read {read / 1e6:.2f} MB of the {table_bytes / 1e6:.2f} MB of train shards "
+                      f"({read / table_bytes:.1%}; {users} of {n} users)")
             print(f"batched, {args.workers} workers (gloo)   : {many:10.0f} user-tasks/s   "
                   f"{many / args.workers / loop:6.1f}x the loop per worker, {many / one:.2f}x 1 worker "
                   f"(on {os.cpu_count()} CPUs)")
+        if args.memory:
+            memory_and_speed_by_dtype(buckets, cfg, args.steps)
         world = max(args.workers, 2)
         losses, grads = communication(shard, cfg, world)
         per_worker = 2 * (world - 1) / world * grads + (world - 1) / world * losses

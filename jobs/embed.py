@@ -15,9 +15,7 @@ Print the command, run nothing:    python jobs/embed.py --config jobs/configs/pr
 """
 import sys
 
-from _common import init_ray, parse_job_args, run_mrm
+from _common import stage_job
 
 if __name__ == "__main__":
-    argv = parse_job_args("embed", __doc__)  # exits on --help, --dry-run or a bad config
-    init_ray()
-    sys.exit(run_mrm(argv))
+    sys.exit(stage_job("embed", __doc__))  # --help, --dry-run and config mistakes are handled there

@@ -15,9 +15,7 @@ Print the command, run nothing:    python jobs/evaluate.py --config jobs/configs
 """
 import sys
 
-from _common import init_ray, parse_job_args, run_mrm
+from _common import stage_job
 
 if __name__ == "__main__":
-    argv = parse_job_args("evaluate", __doc__)  # exits on --help, --dry-run or a bad config
-    init_ray()
-    sys.exit(run_mrm(argv))
+    sys.exit(stage_job("evaluate", __doc__))  # --help, --dry-run and config mistakes are handled there

@@ -1,4 +1,4 @@
-"""`mrm score` as a Ray job: bulk-score a user population's candidates with Ray Data.
+"""`mrm score` as a Ray job: bulk-score a user population's candidates with Ray tasks over user buckets.
 
 Reads the `score:` section of a job config (run, support: the users' labelled
 pairs as an embeddings table, candidates: user_id, candidate_id, emb, out);
@@ -15,9 +15,7 @@ Print the command, run nothing:    python jobs/score.py --config jobs/configs/pr
 """
 import sys
 
-from _common import init_ray, parse_job_args, run_mrm
+from _common import stage_job
 
 if __name__ == "__main__":
-    argv = parse_job_args("score", __doc__)  # exits on --help, --dry-run or a bad config
-    init_ray()
-    sys.exit(run_mrm(argv))
+    sys.exit(stage_job("score", __doc__))  # --help, --dry-run and config mistakes are handled there

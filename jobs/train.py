@@ -2,7 +2,7 @@
 
 Reads the `train:` section of a job config: embeddings, out (the run
 directory), config (a training preset file) and `overrides:` (key: value
-pairs passed as `key=value` after the options).  The stage itself is
+pairs: the config overrides on top of the preset).  The stage itself is
 mrm_ray.train.  Submit from the repository root:
 
     ray job submit --working-dir . -- python jobs/train.py --config jobs/configs/prism.yaml
@@ -19,9 +19,7 @@ Print the command, run nothing:    python jobs/train.py --config jobs/configs/pr
 """
 import sys
 
-from _common import init_ray, parse_job_args, run_mrm
+from _common import stage_job
 
 if __name__ == "__main__":
-    argv = parse_job_args("train", __doc__)  # exits on --help, --dry-run or a bad config
-    init_ray()
-    sys.exit(run_mrm(argv))
+    sys.exit(stage_job("train", __doc__))  # --help, --dry-run and config mistakes are handled there

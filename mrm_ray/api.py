@@ -41,10 +41,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from mrm_ray import contract as C
-from mrm_ray import runs, storage
+from mrm_ray.data import contract as C
+from mrm_ray.data import runs, storage
 from mrm_ray.errors import UserError
-from mrm_ray.score import MODEL_SHA, WEIGHTS, Scorer, as_float_tensor, model_fingerprint
+from mrm_ray.core.personalize import Personalizer, as_float_tensor
+from mrm_ray.score import MODEL_SHA, WEIGHTS
 
 log = logging.getLogger(__name__)
 
@@ -52,20 +53,20 @@ __all__ = ["load", "RewardModel", "UserReward", "encode_pairs", "load_backbone"]
 
 
 def encode_pairs(model, tokenizer, pairs: list[dict], **kwargs):
-    """(chosen [n, d], rejected [n, d]) last-token embeddings: mrm_ray.embed.encode_pairs."""
-    from mrm_ray.embed import encode_pairs as _encode
+    """(chosen [n, d], rejected [n, d]) embeddings, as `mrm embed` computes them: mrm_ray.backbone.encode_pairs."""
+    from mrm_ray.backbone import encode_pairs as _encode
     return _encode(model, tokenizer, pairs, **kwargs)
 
 
 def load_backbone(name_or_path: str, device=None, **kwargs):
-    """(model, tokenizer) of a frozen backbone: mrm_ray.embed.load_backbone."""
-    from mrm_ray.embed import load_backbone as _load
+    """(model, tokenizer) of a frozen backbone: mrm_ray.backbone.load_backbone."""
+    from mrm_ray.backbone import load_backbone as _load
     return _load(name_or_path, device=device, **kwargs)
 
 
 @dataclass(frozen=True)
 class UserReward:
-    """One user's reward model: r_u(e) = v_u . e, with v_u = s W^T mixing(theta) (softmax or linear; mrm_ray.model)."""
+    """One user's reward model: r_u(e) = v_u . e, with v_u = s W^T mixing(theta) (softmax or linear; mrm_ray.core.model)."""
 
     theta: torch.Tensor      # (K,) adapted logits over the K base rewards
     vector: torch.Tensor     # (d,) v_u
@@ -97,21 +98,21 @@ class RewardModel:
 
     def __init__(self, run: runs.Run, steps: int | None = None):
         self.run = run
-        self.scorer = Scorer.from_run(run, steps)
+        self.personalizer = Personalizer.from_run(run, steps)
 
     @property
     def dim(self) -> int:
-        return self.scorer.dim
+        return self.personalizer.dim
 
     @property
     def theta0(self) -> torch.Tensor:
-        return self.scorer.theta0
+        return self.personalizer.theta0
 
     def user(self, theta, n_support: int = 0) -> UserReward:
         theta = as_float_tensor(theta).reshape(-1).clone()
         if theta.shape[0] != self.theta0.shape[0]:
             raise UserError(f"theta has {theta.shape[0]} entries; this run has {self.theta0.shape[0]} base rewards")
-        return UserReward(theta, self.scorer.user_vector(theta), int(n_support))
+        return UserReward(theta, self.personalizer.user_vector(theta), int(n_support))
 
     def prior(self) -> UserReward:
         """The population prior: what a user with no pairs gets."""
@@ -130,15 +131,15 @@ class RewardModel:
             raise UserError(f"chosen {tuple(ch.shape)} and rejected {tuple(rj.shape)} embeddings differ in shape")
         if not (torch.isfinite(ch).all() and torch.isfinite(rj).all()):
             raise UserError("pair embeddings contain NaN or inf")
-        return self.scorer.project(ch) - self.scorer.project(rj)
+        return self.personalizer.project(ch) - self.personalizer.project(rj)
 
-    def _scorer(self, steps: int | None) -> Scorer:
-        return self.scorer if steps is None else replace(self.scorer, inner=replace(self.scorer.inner, steps=steps))
+    def _personalizer(self, steps: int | None) -> Personalizer:
+        return self.personalizer if steps is None else replace(self.personalizer, inner=replace(self.personalizer.inner, steps=steps))
 
     def adapt(self, chosen, rejected, steps: int | None = None) -> UserReward:
         """One user adapted from theta_0 on its (n, d) chosen / rejected embeddings (the run's eval steps)."""
         dphi = self._dphi(chosen, rejected)
-        theta, n = self._scorer(steps).adapt(dphi, torch.zeros(len(dphi), dtype=torch.long), 1)
+        theta, n = self._personalizer(steps).adapt(dphi, torch.zeros(len(dphi), dtype=torch.long), 1)
         return self.user(theta[0], int(n[0]))
 
     def adapt_many(self, users: Mapping | Sequence, steps: int | None = None):
@@ -152,7 +153,7 @@ class RewardModel:
         dphi = [self._dphi(ch, rj) for ch, rj in items]
         seg = torch.repeat_interleave(torch.arange(len(items)), torch.tensor([len(x) for x in dphi], dtype=torch.long))
         k = self.theta0.shape[0]
-        theta, n = self._scorer(steps).adapt(torch.cat(dphi) if dphi else torch.zeros(0, k), seg, len(items))
+        theta, n = self._personalizer(steps).adapt(torch.cat(dphi) if dphi else torch.zeros(0, k), seg, len(items))
         out = [self.user(theta[i], int(n[i])) for i in range(len(items))]
         return dict(zip(keys, out)) if keys is not None else out
 
@@ -164,7 +165,7 @@ class RewardModel:
         schema = storage.schema(table_uri)
         C.require_columns(schema, (C.USER_ID, C.THETA), "weights")
         made_by = (schema.metadata or {}).get(MODEL_SHA)
-        if made_by is not None and made_by.decode() != model_fingerprint(self.run.uri):
+        if made_by is not None and made_by.decode() != self.run.model_sha256:
             raise UserError(f"weights table {table_uri} was produced with a different run's model than {self.run.uri}")
         cols = [c for c in (C.USER_ID, C.THETA, C.N_SUPPORT, "train_pairs") if c in schema.names]
         rows = storage.read_table(table_uri, columns=cols, filter=pc.field(C.USER_ID) == str(user_id))

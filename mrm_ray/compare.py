@@ -20,7 +20,7 @@ Both MRM variants are trained and evaluated by `mrm train` / `mrm evaluate`
 (run directories under DIR/runs/); the baselines select their hyperparameters
 on the same validation carve of the seen users' train pairs as MRM.
 
-Active onboarding (mrm_ray.active): unseen users with at least 2 x --questions
+Active onboarding (mrm_ray.core.active): unseen users with at least 2 x --questions
 train pairs get their train pairs as an unlabeled pool and answer --questions
 questions chosen by uncertainty, margin or at random; after each answer they
 are re-adapted from the MRM+RPO theta_0 and scored on their test pairs.
@@ -33,7 +33,6 @@ meant for research-sized populations; `mrm evaluate` is the scalable path.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import time
@@ -43,11 +42,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from mrm_ray import active, baselines, config as config_mod, runs, storage, synth, tasks
-from mrm_ray import contract as C
-from mrm_ray import metrics as M
+from mrm_ray import config as config_mod
+from mrm_ray import synth
+from mrm_ray.core import active, baselines, splits
+from mrm_ray.data import runs, shards, storage
+from mrm_ray.data import contract as C
+from mrm_ray.core import metrics as M
 from mrm_ray.errors import UserError
-from mrm_ray.meta import single_thread
+from mrm_ray.core.meta import single_thread
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +62,8 @@ METHODS = (("shared_bt", "shared BT"), ("lore", "LoRe"), ("pref", "PReF"), ("mrm
 DEFAULT_METHODS = ("shared_bt", "lore", "pref", "mrm_ref", "mrm", "mrm_rpo")
 BASELINES = ("shared_bt", "lore", "pref")
 # MRM variants: key -> (preset: None = the command's --preset/--config, overrides)
-MRM_VARIANTS = {"mrm_ref": ("reference", ()), "mrm_v01": ("v0.1", ()),
-                "mrm": (None, ("rpo.enabled=false",)), "mrm_rpo": (None, ("rpo.enabled=true",))}
+MRM_VARIANTS = {"mrm_ref": ("reference", {}), "mrm_v01": ("v0.1", {}),
+                "mrm": (None, {"rpo": {"enabled": False}}), "mrm_rpo": (None, {"rpo": {"enabled": True}})}
 # The keys that fix the seen/unseen split and the caps: every variant shares them.
 SPLIT_KEYS = ("seed", "seen_ratio", "min_train_pairs")
 ACTIVE_STRATEGIES = ("uncertainty", "margin", "random")
@@ -69,42 +71,46 @@ RANDOM_REPEATS = 5
 
 
 # --- MRM variants: through the train / evaluate stages ----------------------------------
-def train_and_evaluate_mrm(key: str, args, embeddings: str, out: str) -> tuple[runs.Run, pa.Table, dict]:
-    """Train (or resume) one MRM variant into DIR/runs/<key>, evaluate it; (run, per-user table, metrics)."""
-    from mrm_ray import evaluate, train
-    run_dir = storage.join(out, "runs", key)
+def variant_config(key: str, opts: dict) -> config_mod.TrainConfig:
+    """The config of one MRM variant: the one under test (opts' preset, config file, overrides and epochs)
+    with RPO off or on, or a fixed recipe that shares only the split keys with it."""
     preset, extra = MRM_VARIANTS[key]
+    overrides = opts["overrides"]
     if preset is None:   # the configuration under test
-        overrides = list(args.overrides) + ([f"epochs={args.epochs}"] if args.epochs else []) + list(extra)
-        config, preset = args.config, args.preset
-    else:                # a fixed recipe: only the split is shared with the others
-        preset = args.reference_preset if preset == "reference" else preset
-        overrides = [o for o in args.overrides if o.split("=", 1)[0].strip() in SPLIT_KEYS] + list(extra)
-        if key == "mrm_ref" and args.reference_epochs:
-            overrides.append(f"epochs={args.reference_epochs}")
-        config = None
-    targs = argparse.Namespace(embeddings=embeddings, out=run_dir, config=config, preset=preset,
-                               workers=None, local=not args.ray, overrides=overrides)
+        more = {**({"epochs": opts["epochs"]} if opts["epochs"] else {}), **extra}
+        return config_mod.load_config(opts["preset"], opts["config"], config_mod.merge(overrides, more))
+    preset = opts["reference_preset"] if preset == "reference" else preset
+    shared = {k: v for k, v in overrides.items() if k in SPLIT_KEYS}
+    if key == "mrm_ref" and opts["reference_epochs"]:
+        shared["epochs"] = opts["reference_epochs"]
+    return config_mod.load_config(preset, overrides=config_mod.merge(shared, extra))
+
+
+def train_and_evaluate_mrm(key: str, opts: dict, embeddings: str, out: str) -> tuple[runs.Run, pa.Table, dict]:
+    """Train (or resume) one MRM variant into DIR/runs/<key>, evaluate it; (run, per-user table, metrics)."""
+    from mrm_ray.evaluate import evaluate
+    from mrm_ray.train import train
+    run_dir = storage.join(out, "runs", key)
     t0 = time.time()
     try:
-        train.run(targs)
+        run = train(variant_config(key, opts), embeddings, run_dir, local=not opts["ray"], address=opts["address"])
     except ModuleNotFoundError as e:
-        if not args.ray:
+        if not opts["ray"]:
             raise
         raise UserError(f"--ray needs {e.name}, which this install lacks; drop --ray to train locally") from None
-    run = runs.load_run(run_dir)
-    metrics = evaluate.evaluate(run, embeddings, storage.join(run_dir, runs.METRICS), shots=SHOTS, baseline=False)
+    metrics = evaluate(run, embeddings, storage.join(run_dir, runs.METRICS), baseline=False, overwrite=True,
+                       shots=SHOTS)
     log.info("%s: trained and evaluated in %.1fs (unseen accuracy %.4f)", key, time.time() - t0,
              metrics["unseen"]["accuracy"] or float("nan"))
-    return run, storage.read_table(storage.join(run_dir, "per_user.parquet")), metrics
+    return run, storage.read_table(storage.join(run_dir, runs.PER_USER)), metrics
 
 
 # --- baselines: in memory ----------------------------------------------------------------
-def load_population(embeddings: str) -> tasks.UserPairs:
+def load_population(embeddings: str) -> splits.UserPairs:
     schema = storage.check_table(embeddings)
     C.require_columns(schema, C.EMBEDDINGS_REQUIRED, "embeddings")
     cols = [c for c in (C.USER_ID, C.PAIR_ID, C.CONV_ID, C.SPLIT, C.CHOSEN_EMB, C.REJECTED_EMB) if c in schema.names]
-    shard = tasks.user_pairs_from_table(C.normalize_embeddings(storage.read_table(embeddings, columns=cols)))
+    shard = shards.user_pairs_from_table(C.normalize_embeddings(storage.read_table(embeddings, columns=cols)))
     if shard.is_test is None or not shard.is_test.any():
         raise UserError(f"{embeddings} has no test pairs (split == 'test'): nothing to score")
     return shard
@@ -115,20 +121,20 @@ def _per_user_accuracy(margin: torch.Tensor, seg: torch.Tensor, n_users: int) ->
     return np.where(n.numpy() > 0, (c / n.clamp(min=1)).numpy(), np.nan)
 
 
-def score_baselines(shard: tasks.UserPairs, seen: np.ndarray, cfg: config_mod.TrainConfig,
+def score_baselines(shard: splits.UserPairs, seen: np.ndarray, cfg: config_mod.TrainConfig,
                     which=BASELINES) -> tuple[dict, dict]:
     """Fit shared BT, LoRe and PReF (those in `which`) on the seen users; per-user accuracy columns of every user."""
     pu = shard.pair_user()
-    support, test = tasks.adaptation_rows(shard, seen, cfg), shard.is_test
+    support, test = splits.adaptation_rows(shard, seen, cfg), shard.is_test
     seen_shard = shard.select(support & seen[pu], keep_empty_users=False)
     if seen_shard.n_users == 0:
         raise UserError("no seen user has train pairs: nothing to fit the baselines on")
     seen_seg = torch.from_numpy(seen_shard.pair_user())
-    val = torch.from_numpy(tasks.validation_mask(seen_shard, cfg.val_ratio, cfg.seed))
+    val = torch.from_numpy(splits.validation_mask(seen_shard, cfg.val_ratio, cfg.seed))
     seg = torch.from_numpy(pu)
     te = torch.from_numpy(test)
     n_train = np.bincount(pu, weights=~test, minlength=shard.n_users)
-    shot_masks = {k: tasks.cap_pairs(shard, k, cfg.seed, eligible=~test) for k in SHOTS}
+    shot_masks = {k: splits.cap_pairs(shard, k, cfg.seed, eligible=~test) for k in SHOTS}
     cols, info = {}, {}
 
     t0 = time.time()
@@ -165,10 +171,10 @@ def score_baselines(shard: tasks.UserPairs, seen: np.ndarray, cfg: config_mod.Tr
 
 
 # --- active onboarding ---------------------------------------------------------------------
-def active_curves(run: runs.Run, shard: tasks.UserPairs, seen: np.ndarray, n_questions: int) -> dict:
+def active_curves(run: runs.Run, shard: splits.UserPairs, seen: np.ndarray, n_questions: int) -> dict:
     """Accuracy after 0..n_questions answers, per strategy, on unseen users with >= 2 n_questions train pairs."""
     pu = shard.pair_user()
-    support = tasks.adaptation_rows(shard, seen, run.cfg)
+    support = splits.adaptation_rows(shard, seen, run.cfg)
     n_pool = np.bincount(pu, weights=support, minlength=shard.n_users)
     n_test = np.bincount(pu, weights=shard.is_test, minlength=shard.n_users)
     users = np.flatnonzero(~seen & (n_pool >= 2 * n_questions) & (n_test > 0))
@@ -289,20 +295,47 @@ def write_plots(out: str, report: dict) -> None:
             title="active onboarding (MRM + RPO): accuracy vs questions asked"))
 
 
-def compare(args) -> dict:
-    """Train/fit every method, score them on one split, write the report into args.out."""
-    t_start, out = time.time(), args.out
+def compare(embeddings: str, out: str, preset: str | None = None, config: str | None = None,
+            overrides: list[str] | dict | None = None, epochs: int | None = None, questions: int = 8,
+            ray: bool = False, overwrite: bool = False, methods=DEFAULT_METHODS, reference_preset: str = "reddit",
+            reference_epochs: int | None = None, address: str | None = None) -> dict:
+    """Train/fit every method, score them on one split, write the report into `out`; returns it.
+
+    preset/config/overrides/epochs: the MRM configuration under test (both variants); ray: train the MRM
+    variants on Ray Train instead of in this process.  mrm_rpo is always run.
+    """
+    overrides = overrides if isinstance(overrides, dict) else config_mod.parse_overrides(overrides or [])
+    if epochs is not None and epochs < 1:
+        raise UserError("--epochs must be >= 1")
+    if questions < 0:
+        raise UserError("--questions must be >= 0")
+    if "enabled" in (overrides.get("rpo") or {}):
+        raise UserError("rpo.enabled is set by compare itself (one variant without RPO, one with)")
+    known = {k for k, _ in METHODS if k != "oracle"}
+    unknown = [m for m in methods if m not in known]
+    if unknown:
+        raise UserError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    methods = list(methods) + ([] if "mrm_rpo" in methods else ["mrm_rpo"])
+    if reference_preset not in ("prism", "reddit"):
+        raise UserError("--reference-preset must be prism or reddit")
+    if reference_epochs is not None and reference_epochs < 1:
+        raise UserError("--reference-epochs must be >= 1")
+    opts = {"preset": preset, "config": config, "overrides": overrides, "epochs": epochs, "ray": ray,
+            "reference_preset": reference_preset, "reference_epochs": reference_epochs, "address": address}
+    for key in MRM_VARIANTS:   # every variant's config is valid before anything runs
+        if key in methods:
+            variant_config(key, opts)
+    t_start = time.time()
     # the report folder is compare's: an unfinished one is continued (its runs resume), a finished one
     # is redone only with --overwrite, anything else is refused
-    storage.check_output(out, "compare", [args.embeddings], overwrite=True)   # ownership, before reading anything
-    shard = load_population(args.embeddings)   # validates the whole table before any training
-    storage.claim_folder(out, "compare", [args.embeddings], overwrite=getattr(args, "overwrite", False), resume=True)
-    methods = list(getattr(args, "methods", None) or DEFAULT_METHODS)
+    storage.check_output(out, "compare", [embeddings], overwrite=True)   # ownership, before reading anything
+    shard = load_population(embeddings)   # validates the whole table before any training
+    storage.claim_folder(out, "compare", [embeddings], overwrite=overwrite, resume=True)
     variants = [k for k in MRM_VARIANTS if k in methods]
     results = {}
     for key in variants:
         log.info("compare: training and evaluating %s", key)
-        results[key] = train_and_evaluate_mrm(key, args, args.embeddings, out)
+        results[key] = train_and_evaluate_mrm(key, opts, embeddings, out)
     run = results["mrm_rpo"][0]
     cfg = run.cfg
     users = run.users()
@@ -322,7 +355,7 @@ def compare(args) -> dict:
         renamed = pt.select(keep).rename_columns([C.USER_ID] + [f"{key}_{c}" for c in keep[1:]])
         per_user = per_user.join(renamed, C.USER_ID)
     keys = [k for k, _ in METHODS if k in methods]
-    truth = synth.read_truth(args.embeddings)
+    truth = synth.read_truth(embeddings)
     if truth is not None:
         per_user = per_user.join(truth.select([C.USER_ID, "oracle_test_accuracy"]), C.USER_ID)
         oracle = per_user.column("oracle_test_accuracy").to_numpy(zero_copy_only=False).astype(np.float64)
@@ -332,13 +365,13 @@ def compare(args) -> dict:
             per_user = per_user.append_column(f"oracle_acc_{k}_shot", pa.array(np.where(n_train >= k, oracle, np.nan)))
         keys.append("oracle")
     per_user = per_user.sort_by(C.USER_ID)
-    log.info("compare: active onboarding (%d questions)", args.questions)
+    log.info("compare: active onboarding (%d questions)", questions)
     with single_thread():
-        act = active_curves(run, shard, seen, args.questions)
+        act = active_curves(run, shard, seen, questions)
     has = per_user.column("test_pairs").to_numpy() > 0
     seen_pu = per_user.column("seen").to_numpy(zero_copy_only=False)
     report = {
-        "data": {"embeddings": args.embeddings, "users": int(shard.n_users), "pairs": int(shard.n_pairs),
+        "data": {"embeddings": embeddings, "users": int(shard.n_users), "pairs": int(shard.n_pairs),
                  "dim": int(shard.dim), "seen_users": int((has & seen_pu).sum()),
                  "unseen_users": int((has & ~seen_pu).sum()), "seed": cfg.seed, "n_heads": cfg.model.n_heads,
                  "epochs": cfg.epochs},
@@ -356,45 +389,3 @@ def compare(args) -> dict:
     storage.write_json(storage.join(out, "comparison.json"), report)
     storage.finish_folder(out, "compare", ["comparison.json", "comparison.md", "per_user.parquet", "runs"])
     return report
-
-
-# --- CLI -----------------------------------------------------------------------------------------
-def add_arguments(p) -> None:
-    p.add_argument("--embeddings", required=True, help="embeddings table URI (train pairs adapt, test pairs score)")
-    p.add_argument("--out", required=True, help="report directory; MRM runs go to DIR/runs/ (re-running resumes them)")
-    p.add_argument("--config", help="YAML config for both MRM variants (also fixes the split seed and K)")
-    p.add_argument("--preset", default="default", choices=sorted(config_mod.PRESETS), help="MRM starting config")
-    p.add_argument("--epochs", type=int, help="MRM meta-training epochs (same as epochs=N)")
-    p.add_argument("--questions", type=int, default=8, help="active onboarding: questions per unseen user")
-    p.add_argument("--ray", action="store_true", help="train the MRM variants with Ray Train instead of in-process")
-    p.add_argument("--overwrite", action="store_true", help="redo a finished comparison at --out")
-    p.add_argument("--methods", type=lambda s: [m.strip() for m in s.split(",") if m.strip()],
-                   default=list(DEFAULT_METHODS),
-                   help="comma-separated methods, of: " + ", ".join(k for k, _ in METHODS if k != "oracle")
-                        + " (oracle is added for synthetic populations; mrm_rpo is always run)")
-    p.add_argument("--reference-preset", default="reddit", choices=("prism", "reddit"),
-                   help="the reference's recipe for the mrm_ref method")
-    p.add_argument("--reference-epochs", type=int, help="epochs of mrm_ref (default: the preset's 200)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="config overrides for both MRM variants, e.g. inner.lr=2.0 model.n_heads=3")
-
-
-def run(args) -> int:
-    if args.epochs is not None and args.epochs < 1:
-        raise UserError("--epochs must be >= 1")
-    if args.questions < 0:
-        raise UserError("--questions must be >= 0")
-    if any(o.split("=", 1)[0].strip() == "rpo.enabled" for o in args.overrides):
-        raise UserError("rpo.enabled is set by compare itself (one variant without RPO, one with)")
-    known = {k for k, _ in METHODS if k != "oracle"}
-    unknown = [m for m in args.methods if m not in known]
-    if unknown:
-        raise UserError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    if "mrm_rpo" not in args.methods:
-        args.methods = list(args.methods) + ["mrm_rpo"]
-    if args.reference_epochs is not None and args.reference_epochs < 1:
-        raise UserError("--reference-epochs must be >= 1")
-    report = compare(args)
-    print(markdown(report))
-    print(f"report: {storage.join(args.out, 'comparison.md')} ({report['seconds']:.0f}s)")
-    return 0

@@ -4,13 +4,13 @@
     mrm demo --workdir /tmp/d --users 400
 
 synth (text) -> embed (Ray Data, all-MiniLM-L6-v2 packaged on PyPI, CPU)
--> train (Ray Train, 2 workers) -> evaluate -> score (Ray Data) -> export-hf.
-Each step is the same code path as its `mrm` command; the work directory
-keeps every table and the run, and `summary.json` lists what was produced.
+-> train (Ray Train, 2 workers) -> evaluate -> score (Ray tasks) -> export-hf (decoder backbones).
+Each step calls the same stage function as its `mrm` command; the work
+directory keeps every table and the run, and `summary.json` lists what was
+produced.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -18,8 +18,8 @@ import time
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from mrm_ray import contract as C
-from mrm_ray import storage
+from mrm_ray.data import contract as C
+from mrm_ray.data import storage
 
 log = logging.getLogger(__name__)
 
@@ -44,56 +44,49 @@ def pairwise_accuracy_from_scores(scores_uri: str) -> float:
     return float((wide["chosen"] > wide["rejected"]).mean())
 
 
-def add_arguments(p) -> None:
-    p.add_argument("--workdir", default="mrm-demo", help="where every table, the run and the report go")
-    p.add_argument("--users", type=int, default=200, help="synthetic users (text population)")
-    p.add_argument("--pairs-per-user", type=int, default=16, help="mean preference pairs per user")
-    p.add_argument("--workers", type=int, default=2, help="Ray Train workers")
-    p.add_argument("--epochs", type=int, help="meta-training epochs (default: the config's)")
-    p.add_argument("--model", help="backbone (default: the packaged all-MiniLM-L6-v2)")
-
-
-def run(args) -> int:
-    from mrm_ray.cli import main as mrm
+def demo(workdir: str = "mrm-demo", users: int = 200, pairs_per_user: int = 16, workers: int = 2,
+         epochs: int | None = None, model: str | None = None) -> dict:
+    """The whole chain into `workdir` (redone from scratch each time); returns the summary it writes."""
+    from mrm_ray import config as config_mod
+    from mrm_ray.backbone import default_cpu_model, default_pooling, load_config
+    from mrm_ray.embed import embed
+    from mrm_ray.evaluate import evaluate
+    from mrm_ray.export import export
+    from mrm_ray.score import score
+    from mrm_ray.synth import synth
+    from mrm_ray.train import train
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    w = args.workdir.rstrip("/")
+    w = workdir.rstrip("/")
     paths = {k: storage.join(w, k) for k in ("pairs", "embeddings", "run", "candidates", "scores", "export")}
     # the demo owns its work directory: a previous demo there is redone, anything else is refused
     storage.claim_folder(w, "demo", overwrite=True)
     t0, steps = time.time(), []
 
-    def step(name, argv):
-        log.info("demo: %s: mrm %s", name, " ".join(argv))
+    def step(name, fn, *args, **kwargs):
+        log.info("demo: %s", name)
         t = time.time()
-        rc = mrm(argv)
-        if rc != 0:
-            raise SystemExit(rc)
+        result = fn(*args, **kwargs)
         steps.append({"step": name, "seconds": round(time.time() - t, 1)})
+        return result
 
-    step("synth", ["synth", "--kind", "text", "--out", paths["pairs"], "--users", str(args.users),
-                   "--pairs-per-user", str(args.pairs_per_user), "--seed", "0", "--overwrite"])
-    step("embed", ["embed", "--pairs", paths["pairs"], "--out", paths["embeddings"], "--overwrite",
-                   *(["--model", args.model] if args.model else [])])
-    overrides = [f"num_workers={args.workers}", "cpus_per_worker=0.5"]
-    if args.epochs:
-        overrides.append(f"epochs={args.epochs}")
-    if storage.exists(storage.join(paths["run"], "model.safetensors")):
+    step("synth", synth, paths["pairs"], kind="text", users=users, pairs_per_user=pairs_per_user, seed=0,
+         overwrite=True)
+    step("embed", embed, paths["pairs"], paths["embeddings"], model=model or "auto", overwrite=True)
+    cfg = config_mod.load_config(overrides={"num_workers": workers, "cpus_per_worker": 0.5,
+                                            **({"epochs": epochs} if epochs else {})})
+    if storage.exists(paths["run"]):
         storage.delete(paths["run"])  # the demo always trains afresh
-    step("train", ["train", "--embeddings", paths["embeddings"], "--out", paths["run"], *overrides])
-    step("evaluate", ["evaluate", "--run", paths["run"], "--embeddings", paths["embeddings"], "--overwrite"])
+    run = step("train", train, cfg, paths["embeddings"], paths["run"])
+    metrics = step("evaluate", evaluate, run, paths["embeddings"], overwrite=True)
     candidates_from_embeddings(paths["embeddings"], paths["candidates"])
-    step("score", ["score", "--run", paths["run"], "--support", paths["embeddings"],
-                   "--candidates", paths["candidates"], "--out", paths["scores"], "--overwrite"])
-    metrics = storage.read_json(storage.join(paths["run"], "metrics.json"))
+    step("score", score, run, paths["embeddings"], paths["candidates"], paths["scores"], overwrite=True)
     first_user = storage.read_table(storage.join(paths["scores"], "weights"), columns=[C.USER_ID]).column(0)[0].as_py()
-    from mrm_ray.embed import default_cpu_model, default_pooling, load_config
-    backbone = args.model or default_cpu_model()
+    backbone = model or default_cpu_model()
     if default_pooling(load_config(backbone), backbone) == "last":
-        step("export-hf", ["export-hf", "--run", paths["run"], "--user", first_user,
-                           "--weights", storage.join(paths["scores"], "weights"),
-                           "--backbone", backbone, "--out", paths["export"], "--overwrite"])
+        step("export-hf", export, paths["run"], first_user, backbone, paths["export"],
+             weights=storage.join(paths["scores"], "weights"), overwrite=True)
     else:  # a mean-pooled encoder has no sequence-classification head that reads the same embedding
         log.info("demo: export-hf skipped: %s is an encoder; export needs a decoder reward model "
                  "(e.g. --model Skywork/Skywork-Reward-V2-Llama-3.1-8B)", backbone)
@@ -105,5 +98,4 @@ def run(args) -> int:
                "exported_user": first_user if "export" in paths else None, **paths}
     storage.write_json(storage.join(w, "summary.json"), summary)
     storage.finish_folder(w, "demo", [*(k for k in paths), "summary.json"])
-    print(json.dumps(summary, indent=2))
-    return 0
+    return summary

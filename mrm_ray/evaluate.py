@@ -13,45 +13,39 @@ pairs) and, for synthetic populations, the oracle accuracy.
 Next to the metrics file: per_user.parquet and PNG plots (learning curves,
 per-user accuracy seen vs unseen, accuracy vs number of support pairs).
 
-The table is streamed once into hash partitions of whole users
-(mrm_ray.partition), then each partition is evaluated in memory: memory is
-bounded by a partition, not by the population.
+The table is read once: one streamed pass validates it and writes whole users
+into buckets (mrm_ray.data.shards, the loader training uses too), then each
+bucket is evaluated in memory: memory is bounded by a bucket, not by the
+population.
 """
 from __future__ import annotations
 
 import logging
 import tempfile
+import time
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from mrm_ray import contract as C
-from mrm_ray import metrics as M
-from mrm_ray import partition, runs, storage, synth, tasks
-from mrm_ray.baselines import fit_shared_bt
+from mrm_ray.data import contract as C
+from mrm_ray.core import metrics as M
+from mrm_ray import synth
+from mrm_ray.core import splits
+from mrm_ray.data import runs, shards, storage
+from mrm_ray.core.baselines import fit_shared_bt
 from mrm_ray.errors import UserError
-from mrm_ray.meta import adapt_and_score
+from mrm_ray.core.meta import adapt_and_score
 
 log = logging.getLogger(__name__)
 SHOTS = (1, 2, 4, 8, 16)
-PER_USER = "per_user.parquet"
-
-
-def require_test_pairs(embeddings: str) -> None:
-    """One streamed pass over the split column: there must be something to score."""
-    if C.SPLIT in storage.schema(embeddings).names:
-        for batch in storage.iter_batches(embeddings, columns=[C.SPLIT]):
-            if pc.any(pc.equal(batch.column(0), C.TEST)).as_py():
-                return
-    raise UserError(f"{embeddings} has no test pairs (split == 'test'): nothing to score")
 
 
 def check_outputs(out: str, embeddings: str, overwrite: bool) -> None:
     """Before any work: the metrics file and the per-user table beside it may be replaced only when they are
     a previous evaluation and --overwrite is given; nothing goes inside the embeddings table."""
-    per_user = storage.join(storage.parent(out), PER_USER)
+    per_user = storage.join(storage.parent(out), runs.PER_USER)
     storage.check_overlap(out, [embeddings])
     storage.check_overlap(per_user, [embeddings])
     if storage.exists(out):
@@ -67,57 +61,70 @@ def check_outputs(out: str, embeddings: str, overwrite: bool) -> None:
 BT_MAX_PAIRS = 500_000  # the shared-BT baseline is fit on at most this many seen train pairs
 
 
-def _load_part(uri: str) -> tasks.UserPairs | None:
-    table = storage.read_table(uri)
-    if table.num_rows == 0:
-        return None
-    return tasks.user_pairs_from_table(C.normalize_embeddings(table))
-
-
-def evaluate(run: runs.Run, embeddings: str, out: str, shots=SHOTS, baseline: bool = True) -> dict:
+def evaluate(run: runs.Run, embeddings: str, out: str | None = None, baseline: bool = True,
+             overwrite: bool = False, shots=SHOTS) -> dict:
+    """Evaluate `run` on `embeddings`; writes the metrics JSON `out` (default <run>/metrics.json), the
+    per-user table and plots beside it, and returns the metrics."""
+    out = out or storage.join(run.uri, runs.METRICS)
+    check_outputs(out, embeddings, overwrite)
+    storage.check_table(embeddings)
+    runs.check_same_backbone({"the run": run.info.get("embeddings") or {}, embeddings: runs.provenance(embeddings)})
     users = run.users()
     seen_ids = users.filter(pc.and_(users.column("seen"), pc.invert(users.column("skipped")))).column("user_id")
     seen_set = pa.array(seen_ids.to_numpy(zero_copy_only=False).astype(str))
-    storage.check_table(embeddings)
-    n_rows = partition.count_rows(embeddings)
+    n_rows = shards.count_rows(embeddings)
+    n_buckets = shards.n_buckets_for(n_rows, row_bytes=2 * 4 * run.dim)
     pair_ids = C.UniqueIds(C.PAIR_ID, "embeddings")
+    bt: list[torch.Tensor] = []   # the baseline's seen train pairs, gathered in the same pass
+    state = {"rows": 0, "bt": 0, "test": 0, "t0": time.time(), "last": time.time()}
 
     def normalize(batch):
         table = C.normalize_embeddings(batch, dim=run.dim)
         pair_ids.add(table.column(C.PAIR_ID))
+        is_test = pc.equal(table.column(C.SPLIT), C.TEST).to_numpy(zero_copy_only=False)
+        state["test"] += int(is_test.sum())
+        if baseline and state["bt"] < BT_MAX_PAIRS:
+            rows = ~is_test & pc.is_in(table.column(C.USER_ID), seen_set).to_numpy(zero_copy_only=False)
+            rows = np.flatnonzero(rows)[: BT_MAX_PAIRS - state["bt"]]
+            if len(rows):
+                sub = table.take(pa.array(rows))
+                bt.append(torch.from_numpy(C.emb_matrix(sub.column(C.CHOSEN_EMB)) - C.emb_matrix(sub.column(C.REJECTED_EMB))))
+                state["bt"] += len(rows)
         return table
+
+    def progress(rows):
+        state["rows"] += rows
+        if time.time() - state["last"] >= 10:
+            state["last"] = time.time()
+            log.info("evaluate: %d/%d pairs validated and bucketed by user", state["rows"], n_rows)
+
     with tempfile.TemporaryDirectory(prefix="mrm-eval-") as tmp:
-        parts = partition.partition_by_user(embeddings, tmp, partition.n_parts_for(n_rows), normalize=normalize)
+        # one pass: validate, gather the baseline's pairs, write whole users into buckets
+        buckets = shards.write_buckets(embeddings, tmp, n_buckets, run.cfg.seed, normalize=normalize,
+                                       progress=progress)
         pair_ids.check()
-        v_bt = None
-        if baseline:
-            diffs, n = [], 0
-            for p in parts:
-                shard = _load_part(p)
-                if shard is None or n >= BT_MAX_PAIRS:
-                    continue
-                seen = pc.is_in(pa.array(shard.user_ids.astype(str)), seen_set).to_numpy(zero_copy_only=False)
-                rows = tasks.adaptation_rows(shard, seen, run.cfg) & seen[shard.pair_user()]
-                diffs.append(shard.diff[torch.from_numpy(rows)][: BT_MAX_PAIRS - n])
-                n += len(diffs[-1])
-            v_bt = fit_shared_bt(torch.cat(diffs)) if n else None
-        tables = [t for t in (_evaluate_part(run, p, seen_set, shots, v_bt) for p in parts) if t is not None]
-    if not tables:
-        raise UserError(f"{embeddings} has no rows to evaluate")
+        if state["test"] == 0:
+            raise UserError(f"{embeddings} has no test pairs (split == 'test'): nothing to score")
+        v_bt = fit_shared_bt(torch.cat(bt)) if bt else None
+        log.info("evaluate: %d pairs in %d bucket(s) of whole users (%.1fs); adapting and scoring", n_rows,
+                 n_buckets, time.time() - state["t0"])
+        tables = []
+        for i, uri in enumerate(buckets):
+            shard = shards.load([uri], run.cfg.seed, dtype=shards.shard_dtype(run.cfg.shard_dtype, run.dim))
+            if shard.n_users:
+                tables.append(_evaluate_part(run, shard, seen_set, shots, v_bt))
+            if time.time() - state["last"] >= 10 or i + 1 == len(buckets):
+                state["last"] = time.time()
+                log.info("evaluate: %d/%d buckets done (%.1fs)", i + 1, len(buckets), time.time() - state["t0"])
     per_user = pa.concat_tables(tables).sort_by(C.USER_ID)
-    if int(pc.sum(per_user.column("test_pairs")).as_py() or 0) == 0:
-        raise UserError(f"{embeddings} has no test pairs (split == 'test'): nothing to score")
     return _write_outputs(run, per_user, embeddings, out, shots)
 
 
 @torch.no_grad()
-def _evaluate_part(run, uri, seen_set, shots, v_bt) -> pa.Table | None:
-    shard = _load_part(uri)
-    if shard is None:
-        return None
+def _evaluate_part(run, shard: splits.UserPairs, seen_set, shots, v_bt) -> pa.Table:
     cfg, head = run.cfg, run.head
     seen = pc.is_in(pa.array(shard.user_ids.astype(str)), seen_set).to_numpy(zero_copy_only=False)
-    support = tasks.adaptation_rows(shard, seen, run.cfg)
+    support = splits.adaptation_rows(shard, seen, run.cfg)
     test = shard.is_test
     theta, correct, total, _ = adapt_and_score(head, shard, support, test, cfg, steps=cfg.eval_steps)
     # the population prior alone (no adaptation): what personalization has to beat
@@ -129,12 +136,12 @@ def _evaluate_part(run, uri, seen_set, shots, v_bt) -> pa.Table | None:
             "accuracy": (correct / total.clamp(min=1)).numpy(),
             "prior_accuracy": (c_prior / total.clamp(min=1)).numpy()}
     if v_bt is not None:
-        margin = shard.diff[torch.from_numpy(test)] @ v_bt
+        margin = shard.diff[torch.from_numpy(test)].to(v_bt.dtype) @ v_bt
         c, n = M.per_user_correct(margin, torch.from_numpy(pu[test]), shard.n_users)
         cols["bt_accuracy"] = (c / n.clamp(min=1)).numpy()
     n_train = np.bincount(pu, weights=~test, minlength=shard.n_users)
     for k in shots:
-        sup_k = tasks.cap_pairs(shard, k, cfg.seed, eligible=~test)
+        sup_k = splits.cap_pairs(shard, k, cfg.seed, eligible=~test)
         _, c, n, _ = adapt_and_score(head, shard, sup_k, test, cfg, steps=cfg.eval_steps)
         acc = (c / n.clamp(min=1)).numpy()
         cols[f"acc_{k}_shot"] = np.where(n_train >= k, acc, np.nan)  # only users that have k train pairs
@@ -184,7 +191,7 @@ def _write_outputs(run, per_user: pa.Table, embeddings: str, out: str, shots) ->
     metrics["run"] = run.uri
     metrics["eval_inner_steps"] = run.cfg.eval_steps
     out_dir = storage.parent(out)
-    storage.write_table(per_user, storage.join(out_dir, PER_USER), "evaluate", overwrite=True)  # checked up front
+    storage.write_table(per_user, storage.join(out_dir, runs.PER_USER), "evaluate", overwrite=True)  # checked up front
     try:
         from mrm_ray import plots
         history = storage.read_json(storage.join(run.uri, runs.HISTORY)) if storage.exists(
@@ -195,42 +202,3 @@ def _write_outputs(run, per_user: pa.Table, embeddings: str, out: str, shots) ->
         log.warning("matplotlib missing: no plots")
     storage.write_json(out, metrics)  # last: its presence means the evaluation completed
     return metrics
-
-
-def add_arguments(p) -> None:
-    p.add_argument("--run", required=True, help="run directory written by mrm train")
-    p.add_argument("--embeddings", required=True, help="embeddings table to evaluate (train pairs adapt, test pairs score)")
-    p.add_argument("--out", help="metrics JSON file (default: <run>/metrics.json); per_user.parquet and plots go beside it")
-    p.add_argument("--no-baseline", action="store_true", help="skip the shared Bradley-Terry baseline")
-    p.add_argument("--overwrite", action="store_true", help="replace a previous evaluation at --out")
-
-
-def _fmt(d: dict | None) -> str:
-    if not d or d.get("accuracy") is None:
-        return "   n/a"
-    return f"{d['accuracy']:.4f} (worst10 {d['worst10_accuracy']:.4f}, {d['users']} users)"
-
-
-def run(args) -> int:
-    r = runs.load_run(args.run)
-    out = args.out or storage.join(args.run, runs.METRICS)
-    check_outputs(out, args.embeddings, args.overwrite)
-    require_test_pairs(args.embeddings)
-    m = evaluate(r, args.embeddings, out, baseline=not args.no_baseline)
-    rows = [("MRM", m)]
-    if "baselines" in m:
-        rows.append(("shared BT", m["baselines"]["shared_bt"]))
-    if "oracle" in m:
-        rows.append(("oracle", m["oracle"]))
-    for name, d in rows:
-        print(f"{name:10s} seen {_fmt(d['seen'])}  unseen {_fmt(d['unseen'])}")
-    p = m["personalization"]
-    g = p["unseen_gain_over_prior"]
-    if g is not None:
-        print(f"personalization: {g['mean'] * 100:+.2f} points over the population prior on unseen users "
-              f"(95% interval {g['ci95'][0] * 100:+.2f} to {g['ci95'][1] * 100:+.2f}); "
-              f"spread of user weights {np.round(p['weight_std'], 3).tolist()}")
-    if "warning" in p:
-        log.warning("%s", p["warning"])
-    print(f"metrics: {out}")
-    return 0

@@ -18,7 +18,8 @@ the frozen backbone with `score.weight = v_u` (num_labels=1, no bias):
 
 The backbone may be a reward model (its score head is replaced) or a base / causal
 LM checkpoint of a decoder (a score head is added).  Encoders (BERT & co.) pool
-differently and are refused.  Where the user's weights come from, in order:
+differently and are refused: the run records how its embeddings were made (pooling,
+backbone), and export-hf checks them against --backbone.  Where the user's weights come from, in order:
 --weights (a score output or weights table), --support (adapt on the user's pairs),
 else `<run>/per_user.parquet` of `mrm evaluate`; a user found in none of them gets the
 population prior theta_0, with a warning.  config.json records the user and the run
@@ -32,11 +33,11 @@ import tempfile
 
 import torch
 
-from mrm_ray import api, runs, storage
+from mrm_ray import api
+from mrm_ray.data import runs, storage
 from mrm_ray.errors import UserError
 
 log = logging.getLogger(__name__)
-PER_USER = "per_user.parquet"  # written next to metrics.json by `mrm evaluate`
 
 
 def user_weights(rm: api.RewardModel, user_id: str, weights: str | None = None, support: str | None = None,
@@ -49,11 +50,11 @@ def user_weights(rm: api.RewardModel, user_id: str, weights: str | None = None, 
             return user, "prior"
         return user, "support"
     source = weights
-    if source is None and storage.exists(storage.join(rm.run.uri, PER_USER)):
-        source = storage.join(rm.run.uri, PER_USER)
+    if source is None and storage.exists(storage.join(rm.run.uri, runs.PER_USER)):
+        source = storage.join(rm.run.uri, runs.PER_USER)
     if source is None:
         log.warning("no --weights or --support given and %s has no %s: exporting the population prior theta_0 "
-                    "for user %r", rm.run.uri, PER_USER, user_id)
+                    "for user %r", rm.run.uri, runs.PER_USER, user_id)
         return rm.prior(), "prior"
     user = rm.user_from_weights(source, user_id)
     if user is None:
@@ -62,20 +63,40 @@ def user_weights(rm: api.RewardModel, user_id: str, weights: str | None = None, 
     return user, "weights" if source == weights else "per_user"
 
 
-def build_model(backbone: str, vector: torch.Tensor, dtype: str = "auto"):
-    """(model, tokenizer): `backbone` as a one-logit sequence classifier whose score head is `vector`."""
+def check_backbone(backbone: str, config, made_with: dict) -> None:
+    """The exported model reads the last token's hidden state of `backbone`: the run's embeddings must have
+    been made that way (their provenance), or, for a table that does not say, the backbone must be a decoder."""
+    from mrm_ray.backbone import ENCODER_TYPES, backbone_id
+
+    pooling = made_with.get("pooling")
+    if pooling is not None and pooling != "last":
+        raise UserError(f"the run's embeddings were pooled with {pooling!r} ({made_with.get('backbone')}); a "
+                        "sequence-classification model reads the last token's hidden state, so only runs on "
+                        "last-token embeddings (mrm embed --pooling last) can be exported")
+    made_id = made_with.get("backbone_id")
+    if made_id is not None and made_id != backbone_id(config):
+        raise UserError(f"backbone {backbone} is not the model that embedded the run's pairs "
+                        f"({made_with.get('backbone')})")
+    if pooling is None and config.model_type in ENCODER_TYPES:
+        raise UserError(f"backbone {backbone} is an encoder ({config.model_type}); export-hf needs a decoder whose "
+                        "sequence-classification head reads the last token's hidden state (Llama, Mistral, Qwen, ...)")
+
+
+def build_model(backbone: str, vector: torch.Tensor, dtype: str = "auto", made_with: dict | None = None):
+    """(model, tokenizer): `backbone` as a one-logit sequence classifier whose score head is `vector`.
+
+    made_with: the provenance of the run's embeddings (mrm_ray.data.runs.provenance), checked first.
+    """
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
-    from mrm_ray.embed import ENCODER_TYPES, _load_error, load_config, load_tokenizer
+    from mrm_ray.backbone import hidden_size, load_config, load_error, load_tokenizer
 
+    config = load_config(backbone)
+    check_backbone(backbone, config, made_with or {})
     tokenizer = load_tokenizer(backbone)
     path = os.path.expanduser(str(backbone))
-    config = load_config(backbone)
-    if config.model_type in ENCODER_TYPES:
-        raise UserError(f"backbone {backbone} is an encoder ({config.model_type}); export-hf needs a decoder whose "
-                        "sequence-classification head reads the last token's hidden state (Llama, Mistral, Qwen, ...)")
-    hidden = config.get_text_config().hidden_size
+    hidden = hidden_size(config)
     if hidden != vector.shape[0]:
         raise UserError(f"backbone {backbone} has hidden size {hidden}, the run's embeddings have d={vector.shape[0]}")
     config.num_labels = 1
@@ -87,7 +108,7 @@ def build_model(backbone: str, vector: torch.Tensor, dtype: str = "auto"):
         model = AutoModelForSequenceClassification.from_pretrained(
             path, config=config, dtype=dtype if dtype == "auto" else getattr(torch, dtype))
     except (OSError, ValueError) as e:
-        raise _load_error(backbone, e) from None
+        raise load_error(backbone, e) from None
     finally:
         hf_logging.set_verbosity(verbosity)
     head = getattr(model, "score", None)
@@ -114,10 +135,10 @@ def export(run_uri: str, user_id: str, backbone: str, out: str, weights: str | N
     if source == "prior" and not prior:
         raise UserError(f"user {user_id!r} has no adapted weights or pairs here (see the warning above); "
                         f"pass --prior to export the population prior theta_0 for it")
-    model, tokenizer = build_model(backbone, user.vector, dtype)
+    model, tokenizer = build_model(backbone, user.vector, dtype, rm.run.info.get("embeddings") or {})
     record = {"user_id": str(user_id), "run": run_uri, "source": source, "prior": user.prior,
               "n_support": user.n_support, "theta": [float(x) for x in user.theta],
-              "inner_steps": rm.scorer.inner.steps, "backbone": str(backbone),
+              "inner_steps": rm.personalizer.inner.steps, "backbone": str(backbone),
               "reward": "logit = v_u . h_last, v_u = s W^T mixing(theta)"}
     model.config.mrm_user = str(user_id)
     model.config.mrm = record
@@ -133,31 +154,3 @@ def export(run_uri: str, user_id: str, backbone: str, out: str, weights: str | N
             model.save_pretrained(storage.resolve(staging)[1])
             tokenizer.save_pretrained(storage.resolve(staging)[1])
     return record
-
-
-def add_arguments(p) -> None:
-    p.add_argument("--run", required=True, help="run directory written by mrm train")
-    p.add_argument("--user", required=True, help="the user_id to export")
-    p.add_argument("--backbone", required=True,
-                   help="the backbone that embedded the pairs (name or local folder): a reward model or a base decoder")
-    p.add_argument("--out", required=True, help="output folder for the transformers checkpoint (local or s3://)")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--weights", help="mrm score output (or its weights/ table) holding the user's adapted theta; "
-                                       "with neither --weights nor --support: <run>/per_user.parquet of mrm evaluate")
-    src.add_argument("--support", help="embeddings table: adapt the user on its rows now")
-    p.add_argument("--prior", action="store_true",
-                   help="export the population prior theta_0 when the user has no weights or pairs (else an error)")
-    p.add_argument("--overwrite", action="store_true", help="replace a previous export at --out")
-    p.add_argument("--support-split", choices=("all", "train"), default="all",
-                   help="with --support: adapt on all of the user's rows, or only split=train")
-    p.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto",
-                   help="weights dtype of the saved checkpoint (auto: the backbone's own)")
-
-
-def run(args) -> int:
-    runs.load_run(args.run)  # one-line error for a missing/incomplete run before loading a backbone
-    rec = export(args.run, args.user, args.backbone, args.out, args.weights, args.support, args.support_split,
-                 args.dtype, overwrite=args.overwrite, prior=args.prior)
-    what = "population prior (user not found)" if rec["source"] == "prior" else f"adapted weights ({rec['source']})"
-    print(f"exported user {args.user!r} ({what}, theta={[round(t, 4) for t in rec['theta']]}) to {args.out}")
-    return 0

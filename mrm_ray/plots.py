@@ -1,7 +1,7 @@
 """PNG plots of a run: learning curves, per-user accuracy, few-shot curve.
 
 Each function returns PNG bytes so the caller can write them anywhere
-(local path or s3://) through mrm_ray.storage.
+(local path or s3://) through mrm_ray.data.storage.
 """
 from __future__ import annotations
 

@@ -51,7 +51,6 @@ dotfiles are ignored (and said so).
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -60,11 +59,12 @@ from collections import defaultdict
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from mrm_ray import contract as C
-from mrm_ray import storage
+from mrm_ray.data import contract as C
+from mrm_ray.data import storage
 from mrm_ray.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -317,7 +317,7 @@ def prepare_prism_reference(source: str, min_conversations: int = MIN_CONVERSATI
 
 
 def reference_user_seed(seed: int, user_id: str) -> int:
-    from mrm_ray.reference import user_seed
+    from mrm_ray.core.reference import user_seed
     return user_seed(seed, user_id)
 
 
@@ -433,41 +433,32 @@ def prepare_reddit(source: str, post_only: bool = False) -> pa.Table:
 
 
 # --- command line --------------------------------------------------------------------
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("dataset", choices=("prism", "reddit"), help="which published dataset the files come from")
-    p.add_argument("--source", required=True,
-                   help="folder (local or s3://) with the published files: PRISM's conversations.jsonl "
-                        "(+ survey.jsonl), or summarize_from_feedback's comparison files (JSON lines or Parquet)")
-    p.add_argument("--out", required=True, help="where the pairs table goes (written atomically)")
-    p.add_argument("--min-conversations", type=int, default=MIN_CONVERSATIONS,
-                   help="PRISM: drop users with fewer conversations that yield pairs")
-    p.add_argument("--seed", type=int,
-                   help=f"PRISM: seed of the per-user train/test split (default {SPLIT_SEED}; with --reference "
-                        f"{REFERENCE_SEED}, the reference train.py's --seed, which must match mrm train's seed)")
-    p.add_argument("--post-only", action="store_true",
-                   help="Reddit: prompt = the post text alone (the MRM reference) instead of subreddit+title+post")
-    p.add_argument("--overwrite", action="store_true", help="replace a previous output of mrm prepare at --out")
-    p.add_argument("--reference", action="store_true",
-                   help="reproduce the reference code's preprocessing and train/test split exactly (for the "
-                        "prism / reddit presets of mrm train; see the command's description)")
+def prepare(dataset: str, source: str, out: str, min_conversations: int = MIN_CONVERSATIONS,
+            seed: int | None = None, post_only: bool = False, reference: bool = False,
+            overwrite: bool = False) -> dict:
+    """Convert the published `dataset` (prism or reddit) files under `source` into the pairs table `out`.
 
-
-def run(args) -> int:
-    if args.min_conversations < 1:
+    seed None: SPLIT_SEED, or with reference REFERENCE_SEED (the reference train.py's --seed, which
+    must match mrm train's seed).  Returns a summary.
+    """
+    if dataset not in ("prism", "reddit"):
+        raise UserError(f"unknown dataset {dataset!r}; choose prism or reddit")
+    if min_conversations < 1:
         raise UserError("--min-conversations must be >= 1")
-    storage.check_output(args.out, "prepare", [args.source], args.overwrite)   # before any work
-    if args.dataset == "prism":
-        seed = args.seed if args.seed is not None else (REFERENCE_SEED if args.reference else SPLIT_SEED)
-        table = (prepare_prism_reference if args.reference else prepare_prism)(args.source, args.min_conversations, seed)
-    elif args.reference:
-        if args.post_only:
+    storage.check_output(out, "prepare", [source], overwrite)   # before any work
+    if dataset == "prism":
+        seed = seed if seed is not None else (REFERENCE_SEED if reference else SPLIT_SEED)
+        table = (prepare_prism_reference if reference else prepare_prism)(source, min_conversations, seed)
+    elif reference:
+        if post_only:
             log.info("--reference already uses the bare post as the prompt")
-        table = prepare_reddit_reference(args.source)
+        table = prepare_reddit_reference(source)
     else:
-        table = prepare_reddit(args.source, args.post_only)
-    storage.write_table(table, args.out, "prepare", args.overwrite, inputs=[args.source])
-    users = len(set(table.column(C.USER_ID).to_pylist()))
-    n_test = sum(s == C.TEST for s in table.column(C.SPLIT).to_pylist())
+        table = prepare_reddit(source, post_only)
+    storage.write_table(table, out, "prepare", overwrite, inputs=[source])
+    users = pc.count_distinct(table.column(C.USER_ID)).as_py()
+    n_test = int(pc.sum(pc.equal(table.column(C.SPLIT), C.TEST)).as_py() or 0)
     log.info("wrote %d pairs (%d train, %d test) of %d users to %s", table.num_rows, table.num_rows - n_test,
-             n_test, users, args.out)
-    return 0
+             n_test, users, out)
+    return {"pairs": table.num_rows, "train_pairs": table.num_rows - n_test, "test_pairs": n_test, "users": users,
+            "out": out}

@@ -3,14 +3,14 @@
     ensure_ray(address)              connect (address, else RAY_ADDRESS, else a new local cluster)
     require_resources(cpu, gpu, ...) fail at once when a cluster that cannot grow is too small; on a
                                      cluster that can, wait (bounded, with progress) for the autoscaler
-    user_error(exc)                  our one-line error inside whatever Ray wrapped it in, or None
+
+A failure inside a task, actor or UDF comes back wrapped by Ray:
+mrm_ray.errors.unwrap finds our one-line error inside it.
 """
 from __future__ import annotations
 
-import importlib
 import logging
 import os
-import re
 import time
 
 from mrm_ray.errors import UserError
@@ -20,7 +20,6 @@ log = logging.getLogger(__name__)
 # Seconds to wait for an autoscaling cluster to provide what a stage asks (0: fail at once).
 WAIT_ENV = "MRM_RESOURCE_TIMEOUT"
 DEFAULT_WAIT = 600.0
-_ERROR_LINE = re.compile(r"^(mrm_ray(?:\.\w+)+)\.(\w+): (.+)$", re.M)
 _started_here = False
 
 
@@ -82,27 +81,3 @@ def require_resources(cpus: float, gpus: float, what: str, timeout: float | None
             last = waited or 1e-9
         time.sleep(1.0)
         missing = short()
-
-
-def user_error(e: BaseException) -> UserError | None:
-    """Find our one-line error inside the exception Ray raises for a failed task, actor or UDF.
-
-    Ray Data reports a UDF failure as RayTaskError(UserCodeException) whose
-    only trace of the original error is the remote traceback text, so the
-    last resort is its `mrm_ray.module.SomeError: message` line.
-    """
-    from ray.exceptions import RayError
-
-    cur = e
-    while cur is not None:
-        if isinstance(cur, UserError) and not isinstance(cur, RayError):
-            return type(cur)(str(cur).splitlines()[0] if str(cur) else type(cur).__name__)
-        cur = getattr(cur, "cause", None) or cur.__cause__
-    for module, name, message in reversed(_ERROR_LINE.findall(str(e))):
-        try:
-            cls = getattr(importlib.import_module(module), name, None)
-        except ImportError:
-            continue
-        if isinstance(cls, type) and issubclass(cls, UserError):
-            return cls(message.strip())
-    return None

@@ -2,7 +2,7 @@
 
     mrm score --run runs/r1 --support data/emb --candidates data/cands --out data/scored
     mrm score ... --support-split train        # adapt on split=train rows only
-    RAY_ADDRESS=auto mrm score ...             # on a running cluster
+    mrm score ... --address auto               # on a running cluster
 
 Inputs
   --run         a run directory of `mrm train` (W and the meta-learned theta_0)
@@ -22,23 +22,22 @@ How (two Ray stages, memory bounded by one unit of work, never by the population
   1. route: Ray tasks over slices of the input files (row groups).  Each reads its
      embeddings ONCE and projects them onto the K base rewards (phi = W e; a support
      pair keeps only phi(chosen) - phi(rejected)), then writes the K floats per row
-     into hash(user_id) partitions.  Because W is fixed when adapting, nothing after
-     this needs the d-dimensional embeddings: the shuffle moves K floats per row.
+     into user buckets (mrm_ray.data.shards' user hash and bucket function, under the
+     run's seed).  Because W is fixed when adapting, nothing after this needs the
+     d-dimensional embeddings: the shuffle moves K floats per row, not the table.
   2. score: one Ray task per partition holds complete users, adapts all of them at
      once with the core's batched ragged `adapt` (eval_inner_steps of the run, its
      inner lr) and scores every candidate: reward = mixing(theta_u) . phi(e) =
      v_u . e.  Results go straight to Parquet part files.
 The shuffle lives in the output's staging folder (reachable from every node, removed
-at the end).  `Scorer` holds the math (plain torch) that the Python API shares.
+at the end).  mrm_ray.core.personalize holds the math (plain torch) the Python API shares.
 Throughput and memory at 1M users: benchmarks/score.py.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import time
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,11 +47,11 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
-from mrm_ray import contract as C
-from mrm_ray import raytools, runs, storage, tasks
-from mrm_ray.adapt import InnerConfig, adapt
-from mrm_ray.errors import UserError
-from mrm_ray.model import mix, mixing
+from mrm_ray.data import contract as C
+from mrm_ray import raytools
+from mrm_ray.data import runs, shards, storage
+from mrm_ray.errors import UserError, unwrap
+from mrm_ray.core.personalize import Personalizer
 
 log = logging.getLogger(__name__)
 
@@ -71,92 +70,7 @@ def weights_schema(k: int) -> pa.Schema:
                       pa.field(C.N_SUPPORT, pa.int64()), pa.field(C.PRIOR, pa.bool_())])
 
 
-# --- the math (plain torch, shared with mrm_ray.api) -----------------------------
-def as_float_tensor(x) -> torch.Tensor:
-    """float32 tensor view of x without a copy where possible.
-
-    Arrays read zero-copy from Arrow are read-only; torch warns about wrapping them,
-    but nothing here writes to its inputs.
-    """
-    if isinstance(x, np.ndarray):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            x = torch.from_numpy(x)
-    return torch.as_tensor(x, dtype=torch.float32)
-
-
-@dataclass
-class Scorer:
-    """What scoring needs from a run: W (K, d) with the input scale folded in, theta_0, the inner loop."""
-
-    w: torch.Tensor
-    theta0: torch.Tensor
-    inner: InnerConfig
-    lr: torch.Tensor | None = None     # Meta-SGD's learned per-head step sizes, else inner.lr
-    prior: torch.Tensor | None = None  # Newton adaptation's prior precision
-    weights: str = "softmax"           # how a user mixes the heads (mrm_ray.model.mixing)
-
-    @classmethod
-    def from_run(cls, run: runs.Run, steps: int | None = None) -> "Scorer":
-        head = run.head
-        with torch.no_grad():
-            args = head.inner_args()
-            lr, prior = args["lr"], args["prior"]
-            return cls(head.weight().detach().float().contiguous(), head.theta0.detach().float().clone(),
-                       run.cfg.inner.for_evaluation(steps or run.cfg.eval_steps),
-                       None if lr is None else lr.detach().float(),
-                       None if prior is None else prior.detach().float(), args["weights"])
-
-    @property
-    def dim(self) -> int:
-        return int(self.w.shape[1])
-
-    @torch.no_grad()
-    def project(self, emb) -> torch.Tensor:
-        """phi(e) = W e for (n, d) embeddings -> (n, K).
-
-        Written as W @ E^T: BLAS streams E once at memory bandwidth (E @ W^T with
-        K = 2 is ~2.5x slower on CPU).  This is the only read of the embeddings.
-        """
-        emb = as_float_tensor(emb)
-        return (self.w.to(emb.device) @ emb.T).T
-
-    @torch.no_grad()
-    def adapt(self, dphi: torch.Tensor, seg: torch.Tensor, n_users: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Adapt n_users users from theta_0 on their support pairs at once.
-
-        dphi: (N, K) phi(chosen) - phi(rejected); seg: (N,) user index.  Returns
-        (theta (n_users, K), n_support (n_users,)); a user with no pairs keeps theta_0 exactly.
-        """
-        seg = torch.as_tensor(seg, dtype=torch.long, device=dphi.device)
-        theta0, lr = self.theta0.to(dphi.device), None if self.lr is None else self.lr.to(dphi.device)
-        prior = None if self.prior is None else self.prior.to(dphi.device)
-        theta = adapt(theta0, dphi, seg, n_users, self.inner, lr, prior=prior, weights=self.weights)
-        n_support = torch.bincount(seg, minlength=n_users)
-        return torch.where((n_support > 0)[:, None], theta, theta0), n_support
-
-    @torch.no_grad()
-    def rewards(self, theta: torch.Tensor, phi: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
-        """reward of candidate i = mixing(theta_seg[i]) . phi_i  (= v_u . e_i)."""
-        return mix(theta.index_select(0, torch.as_tensor(seg, dtype=torch.long, device=phi.device)), phi,
-                   self.weights)
-
-    def user_vector(self, theta: torch.Tensor) -> torch.Tensor:
-        """v_u = s W^T mixing(theta_u): (..., K) -> (..., d)."""
-        return mixing(theta, self.weights) @ self.w
-
-
-def model_fingerprint(run_uri: str) -> str:
-    """sha256 of the run's model file: ties a weights table to the run that produced it."""
-    return hashlib.sha256(storage.read_bytes(storage.join(run_uri, runs.MODEL))).hexdigest()
-
-
 # --- reading the inputs ------------------------------------------------------------
-def _as_uri(table_uri: str, path: str) -> str:
-    """A path from storage.parquet_files back to a URI (s3 paths lose their scheme there)."""
-    return f"s3://{path}" if storage.is_remote(table_uri) else path
-
-
 def _emb_dim(uri: str, column: str, what: str) -> int | None:
     """The embedding dimension of a table column, from its schema (or its first row)."""
     schema = storage.schema(uri)
@@ -178,6 +92,8 @@ def check_inputs(run: runs.Run, support: str, candidates: str) -> dict:
     sup_schema, cand_schema = storage.check_table(support), storage.check_table(candidates)
     C.require_columns(sup_schema, SUPPORT_COLUMNS, "support (embeddings)")
     C.require_columns(cand_schema, C.CANDIDATES_REQUIRED, "candidates")
+    runs.check_same_backbone({"the run": run.info.get("embeddings") or {}, "support": runs.provenance(support),
+                              "candidates": runs.provenance(candidates)})
     dims = {"run": run.dim}
     for name, uri, cols in (("support", support, (C.CHOSEN_EMB, C.REJECTED_EMB)), ("candidates", candidates, (C.EMB,))):
         for col in cols:
@@ -240,14 +156,15 @@ def _user_ids(table, what: str) -> pa.Array:
     return col
 
 
-def user_partition(user_ids, n_parts: int) -> np.ndarray:
-    """hash(user_id) % n_parts per row (partition.py's hash), hashing each distinct id once."""
+def user_bucket(user_ids: pa.Array, n_parts: int, seed: int) -> np.ndarray:
+    """The user bucket of each row (mrm_ray.data.shards' hash and bucket function), hashing each id once."""
     uniq = pc.unique(user_ids)
-    h = tasks.hash_ids(uniq.to_numpy(zero_copy_only=False), 17) % np.uint64(n_parts)
-    return h.astype(np.int64)[pc.index_in(user_ids, value_set=uniq).to_numpy(zero_copy_only=False)]
+    b = shards.bucket_of(shards.user_hash(uniq.to_numpy(zero_copy_only=False), seed), n_parts)
+    return b[pc.index_in(user_ids, value_set=uniq).to_numpy(zero_copy_only=False)]
 
 
-def route_unit(unit: Unit, j: int, scorer: Scorer, n_parts: int, shuffle: str, train_only: bool) -> dict:
+def route_unit(unit: Unit, j: int, personalizer: Personalizer, n_parts: int, shuffle: str, train_only: bool,
+               seed: int) -> dict:
     """Stage 1 (a Ray task): read one unit, project onto the K base rewards, split by user hash."""
     torch.set_num_threads(1)  # one task per CPU
     fs, _ = storage.resolve(unit.table)
@@ -256,7 +173,7 @@ def route_unit(unit: Unit, j: int, scorer: Scorer, n_parts: int, shuffle: str, t
     cols = list(SUPPORT_COLUMNS) if support else list(C.CANDIDATES_REQUIRED)
     if support and C.SPLIT in pfile.schema_arrow.names:
         cols.append(C.SPLIT)
-    row_bytes = (2 if support else 1) * scorer.dim * 4
+    row_bytes = (2 if support else 1) * personalizer.dim * 4
     what = "support (embeddings)" if support else "candidates"
     pieces: list[pa.Table] = []
     for batch in pfile.iter_batches(batch_size=max(1, min(65536, BATCH_BYTES // row_bytes)),
@@ -272,11 +189,11 @@ def route_unit(unit: Unit, j: int, scorer: Scorer, n_parts: int, shuffle: str, t
             mats = [C.emb_matrix(batch.column(c), what, c) for c in (C.CHOSEN_EMB, C.REJECTED_EMB)]
             for c, m in zip((C.CHOSEN_EMB, C.REJECTED_EMB), mats):
                 C.check_values(batch, m, c, what)
-            phi, extra = scorer.project(mats[0]) - scorer.project(mats[1]), {}
+            phi, extra = personalizer.project(mats[0]) - personalizer.project(mats[1]), {}
         else:
             mat = C.emb_matrix(batch.column(C.EMB), what, C.EMB)
             C.check_values(batch, mat, C.EMB, what)
-            phi = scorer.project(mat)
+            phi = personalizer.project(mat)
             cid = batch.column(C.CANDIDATE_ID)
             cid = cid if pa.types.is_string(cid.type) else pc.cast(cid, pa.string())
             if cid.null_count:
@@ -288,7 +205,7 @@ def route_unit(unit: Unit, j: int, scorer: Scorer, n_parts: int, shuffle: str, t
     rows = sum(p.num_rows for p in pieces)
     if rows:
         table = pa.concat_tables(pieces)
-        part = user_partition(table.column(C.USER_ID), n_parts)
+        part = user_bucket(table.column(C.USER_ID), n_parts, seed)
         order = np.argsort(part, kind="stable")
         bounds = np.searchsorted(part[order], np.arange(n_parts + 1))
         sfs, spath = storage.resolve(shuffle)
@@ -315,17 +232,17 @@ def _phi(table: pa.Table | None, k: int) -> torch.Tensor:
     return torch.from_numpy(C.emb_matrix(table.column(PHI)).copy())
 
 
-def score_partition(i: int, scorer: Scorer, shuffle: str, staging: str, fingerprint: str) -> dict:
+def score_partition(i: int, personalizer: Personalizer, shuffle: str, staging: str, fingerprint: str) -> dict:
     """Stage 2 (a Ray task): adapt every user of partition i at once, score its candidates, write parts."""
     torch.set_num_threads(1)
-    k = int(scorer.theta0.shape[0])
+    k = int(personalizer.theta0.shape[0])
     sup, cand = _read_part(shuffle, "support", i), _read_part(shuffle, "candidates", i)
     ids = [t.column(C.USER_ID) for t in (sup, cand) if t is not None]
     users = pc.unique(pa.chunked_array([c for col in ids for c in col.chunks], pa.string()))
     users = users.take(pc.sort_indices(users))
     sseg = (torch.from_numpy(pc.index_in(sup.column(C.USER_ID), value_set=users).to_numpy(zero_copy_only=False)
                              .astype(np.int64)) if sup is not None else torch.zeros(0, dtype=torch.long))
-    theta, n_support = scorer.adapt(_phi(sup, k), sseg, len(users))
+    theta, n_support = personalizer.adapt(_phi(sup, k), sseg, len(users))
     prior = (n_support == 0).numpy()
     fs, base = storage.resolve(staging)
     for name in (SCORES, WEIGHTS):
@@ -340,7 +257,7 @@ def score_partition(i: int, scorer: Scorer, shuffle: str, staging: str, fingerpr
         cseg_np = pc.index_in(cand.column(C.USER_ID), value_set=users).to_numpy(zero_copy_only=False).astype(np.int64)
         order = np.argsort(cseg_np, kind="stable")  # users in id order, candidates in input order
         cseg = torch.from_numpy(cseg_np[order])
-        reward = scorer.rewards(theta, _phi(cand, k)[torch.from_numpy(order)], cseg)
+        reward = personalizer.rewards(theta, _phi(cand, k)[torch.from_numpy(order)], cseg)
         cprior = prior[cseg_np[order]]
         scores = pa.table({C.USER_ID: cand.column(C.USER_ID).take(pa.array(order)),
                            C.CANDIDATE_ID: cand.column(C.CANDIDATE_ID).take(pa.array(order)),
@@ -370,18 +287,26 @@ def _gather(ray, refs: list, what: str, every: float = 10.0) -> list:
     except ray.exceptions.RayTaskError as e:
         for r in pending:
             ray.cancel(r, force=True)
-        err = raytools.user_error(e)
-        if err is not None:
-            raise err from None
-        raise
+        raise unwrap(e) from None
     return [out[n] for n in range(len(refs))]
 
 
 def score(run: runs.Run, support: str, candidates: str, out: str, support_split: str = "all",
-          partitions: int = 0, steps: int | None = None, overwrite: bool = False) -> dict:
-    """Score a population (Ray must be initialised); returns the summary also written to <out>/summary.json."""
+          partitions: int = 0, steps: int | None = None, overwrite: bool = False, address: str | None = None) -> dict:
+    """Score a population; returns the summary also written to <out>/summary.json.
+
+    partitions 0: one user bucket per ROWS_PER_PART input rows.  steps None: the run's eval_inner_steps.
+    """
+    if steps is not None and steps < 1:
+        raise UserError("--steps must be >= 1")
+    if partitions < 0:
+        raise UserError("--partitions must be >= 0")
+    if support_split not in ("all", "train"):
+        raise UserError("--support-split must be all or train")
     storage.check_output(out, "score", [run.uri, support, candidates], overwrite)
-    check_inputs(run, support, candidates)
+    check_inputs(run, support, candidates)   # before starting Ray
+    raytools.ensure_ray(address)
+    raytools.require_resources(1, 0, "mrm score's tasks (1 CPU each)")
     return _score(run, support, candidates, out, support_split, partitions, steps, overwrite)
 
 
@@ -392,63 +317,31 @@ def _score(run: runs.Run, support: str, candidates: str, out: str, support_split
 
     t0 = time.time()
     inputs = [run.uri, support, candidates]
-    scorer = Scorer.from_run(run, steps)
-    fingerprint = model_fingerprint(run.uri)
+    personalizer = Personalizer.from_run(run, steps)
+    fingerprint = run.model_sha256
     d = run.dim
     units = plan_units("support", support, 2 * d * 4) + plan_units("candidates", candidates, d * 4)
     total_rows = sum(u.rows for u in units)
     n_parts = partitions or max(1, math.ceil(total_rows / ROWS_PER_PART))
     log.info("scoring with %s: %d input rows in %d route tasks -> %d user partitions (inner: %s, %d step(s))",
-             run.uri, total_rows, len(units), n_parts, scorer.inner.optimizer, scorer.inner.steps)
+             run.uri, total_rows, len(units), n_parts, personalizer.inner.optimizer, personalizer.inner.steps)
     route = ray.remote(num_cpus=1, max_retries=2)(route_unit)
     score_part = ray.remote(num_cpus=1, max_retries=2)(score_partition)
     with storage.atomic_output(out, "score", inputs, overwrite) as staging:
         shuffle = storage.join(staging, SHUFFLE)
-        scorer_ref = ray.put(scorer)
-        routed = _gather(ray, [route.remote(u, j, scorer_ref, n_parts, shuffle, support_split == "train")
+        personalizer_ref = ray.put(personalizer)
+        routed = _gather(ray, [route.remote(u, j, personalizer_ref, n_parts, shuffle, support_split == "train",
+                                            run.cfg.seed)
                                for j, u in enumerate(units)], "route (read + project + partition by user)")
         t_route = time.time() - t0
-        parts = _gather(ray, [score_part.remote(i, scorer_ref, shuffle, staging, fingerprint) for i in range(n_parts)],
+        parts = _gather(ray, [score_part.remote(i, personalizer_ref, shuffle, staging, fingerprint) for i in range(n_parts)],
                         "score (adapt + score each partition)")
         storage.delete(shuffle)
         summary = {k: sum(p[k] for p in parts) for k in parts[0]}
         summary.update({
             "run": run.uri, "support": support, "candidates": candidates, "support_split": support_split,
             "support_rows_read": sum(r["rows_in"] for r in routed if r["kind"] == "support"),
-            "inner_steps": scorer.inner.steps, "partitions": n_parts, "model_sha256": fingerprint,
+            "inner_steps": personalizer.inner.steps, "partitions": n_parts, "model_sha256": fingerprint,
             "seconds": round(time.time() - t0, 3), "route_seconds": round(t_route, 3)})
         storage.write_json(storage.join(staging, SUMMARY), summary)
     return summary
-
-
-def add_arguments(p) -> None:
-    p.add_argument("--run", required=True, help="run directory written by mrm train")
-    p.add_argument("--support", required=True,
-                   help="embeddings table of the users' labelled pairs to adapt on (user_id, chosen_emb, rejected_emb)")
-    p.add_argument("--candidates", required=True, help="candidates table: user_id, candidate_id, emb")
-    p.add_argument("--out", required=True,
-                   help="output folder (new or empty; committed atomically): scores/, weights/, summary.json")
-    p.add_argument("--overwrite", action="store_true", help="replace a previous output of mrm score at --out")
-    p.add_argument("--support-split", choices=("all", "train"), default="all",
-                   help="all: every support row adapts its user; train: only rows with split=train")
-    p.add_argument("--steps", type=int, default=None, help="inner steps; unset = the run's eval_inner_steps")
-    p.add_argument("--partitions", type=int, default=0,
-                   help=f"user hash partitions; 0 = one per {ROWS_PER_PART:,} input rows")
-    p.add_argument("--address", default=None, help="Ray cluster address; unset = RAY_ADDRESS or a new local cluster")
-
-
-def run(args) -> int:
-    if args.steps is not None and args.steps < 1:
-        raise UserError("--steps must be >= 1")
-    if args.partitions < 0:
-        raise UserError("--partitions must be >= 0")
-    r = runs.load_run(args.run)
-    storage.check_output(args.out, "score", [args.run, args.support, args.candidates], args.overwrite)
-    check_inputs(r, args.support, args.candidates)  # before starting Ray
-    raytools.ensure_ray(args.address)
-    raytools.require_resources(1, 0, "mrm score's tasks (1 CPU each)")
-    s = _score(r, args.support, args.candidates, args.out, args.support_split, args.partitions, args.steps,
-               args.overwrite)
-    print(f"scored {s['candidates_scored']} candidates of {s['users']} users ({s['prior_users']} with no support pairs "
-          f"scored with the prior) in {s['seconds']:.1f}s: {storage.join(args.out, SCORES)}")
-    return 0

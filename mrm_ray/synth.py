@@ -29,8 +29,8 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from mrm_ray import contract as C
-from mrm_ray import storage
+from mrm_ray.data import contract as C
+from mrm_ray.data import storage
 
 log = logging.getLogger(__name__)
 
@@ -167,44 +167,32 @@ def read_truth(embeddings_uri: str) -> pa.Table | None:
 
 
 # --- CLI ----------------------------------------------------------------------------
-def add_arguments(p) -> None:
-    p.add_argument("--out", required=True, help="output table URI (local path or s3://bucket/prefix)")
-    p.add_argument("--users", type=int, help="number of users (default: 2000, or the --population's own)")
-    p.add_argument("--pairs-per-user", type=int, default=20, help="mean preference pairs per user (ragged)")
-    p.add_argument("--kind", choices=("embedding", "text"), default="embedding",
-                   help="embedding: an embeddings table (train directly); text: a pairs table (run mrm embed)")
-    p.add_argument("--dim", type=int, help="embedding dimension (--kind embedding; default: 64, or the --population's own)")
-    p.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="embedding storage type")
-    p.add_argument("--seed", type=int, default=0, help="random seed: same seed, same population")
-    p.add_argument("--overwrite", action="store_true", help="replace a previous output of mrm synth at --out")
-    p.add_argument("--population", metavar="NAME",
-                   help="a population of the quality zoo instead (mrm_ray.zoo: lowrank, clusters, "
-                        "few-users-many-pairs, many-users-few-pairs, noisy-minority, anisotropic-1024, "
-                        "homogeneous, individual); --users/--dim change its size only when given")
+def synth(out: str, users: int | None = None, pairs_per_user: int = 20, kind: str = "embedding",
+          dim: int | None = None, dtype: str = "float32", seed: int = 0, population: str | None = None,
+          overwrite: bool = False) -> dict:
+    """Write a synthetic population to `out`; returns its summary.
 
-
-def run(args) -> int:
+    kind embedding: an embeddings table (train on it directly); text: a pairs
+    table for `mrm embed`.  population: one of the quality zoo (mrm_ray.zoo)
+    instead; users/dim then change its size only when given.
+    """
     from mrm_ray.errors import UserError
-    if (args.users is not None and args.users < 1) or args.pairs_per_user < 1 or (args.dim is not None and args.dim < 4):
+    if (users is not None and users < 1) or pairs_per_user < 1 or (dim is not None and dim < 4):
         raise UserError("--users and --pairs-per-user must be >= 1 and --dim >= 4")
-    storage.check_output(args.out, "synth", overwrite=args.overwrite)   # before any work
-    if args.population is not None:
+    if kind not in ("embedding", "text"):
+        raise UserError("--kind must be embedding or text")
+    storage.check_output(out, "synth", overwrite=overwrite)   # before any work
+    if population is not None:
         from mrm_ray import zoo
-        if args.population not in zoo.ZOO:
-            raise UserError(f"unknown population {args.population!r}; known: {', '.join(zoo.ZOO)}")
-        g = write_zoo_population(args.out, args.population, users=args.users, dim=args.dim, seed=args.seed,
-                                 overwrite=args.overwrite)
-        print(f"wrote {{'population': {args.population!r}, 'users': {g.spec.users}, 'pairs': {len(g.user)}, "
-              f"'dim': {g.spec.dim}, 'out': {args.out!r}}}")
-        return 0
-    args.users = 2000 if args.users is None else args.users
-    args.dim = 64 if args.dim is None else args.dim
-    if args.kind == "text":
+        if population not in zoo.ZOO:
+            raise UserError(f"unknown population {population!r}; known: {', '.join(zoo.ZOO)}")
+        g = write_zoo_population(out, population, users=users, dim=dim, seed=seed, overwrite=overwrite)
+        return {"population": population, "users": g.spec.users, "pairs": len(g.user), "dim": g.spec.dim,
+                "out": out}
+    users = 2000 if users is None else users
+    if kind == "text":
         from mrm_ray.synth_text import write_text_population
-        summary = write_text_population(args.out, users=args.users, pairs_per_user=args.pairs_per_user,
-                                        seed=args.seed, overwrite=args.overwrite)
-    else:
-        summary = write_embedding_population(args.out, args.users, args.pairs_per_user, args.dim, args.seed,
-                                             dtype=args.dtype, overwrite=args.overwrite)
-    print(f"wrote {summary}")
-    return 0
+        return write_text_population(out, users=users, pairs_per_user=pairs_per_user, seed=seed,
+                                     overwrite=overwrite)
+    return write_embedding_population(out, users, pairs_per_user, 64 if dim is None else dim, seed,
+                                      dtype=dtype, overwrite=overwrite)

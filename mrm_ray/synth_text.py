@@ -33,8 +33,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mrm_ray import contract as C
-from mrm_ray import storage
+from mrm_ray.data import contract as C
+from mrm_ray.data import storage
 
 ATTRIBUTES = ("long", "formal", "list", "polite", "detailed")
 # name -> (share of users, prototype weights over ATTRIBUTES)

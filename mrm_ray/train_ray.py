@@ -4,27 +4,28 @@
     mrm train --embeddings data/emb --out runs/r1 num_workers=2 cpus_per_worker=0.5     # a 2-CPU machine
     mrm train --embeddings data/emb --out runs/r1 num_workers=4 use_gpu=true           # one GPU per worker, NCCL
 
-`fit` is the driver: it builds the Ray Data read, ScalingConfig, RunConfig and
-a TorchTrainer; the table never passes through it.  Every worker (`train_worker`):
+`fit` is the driver: it builds the ScalingConfig, RunConfig and a TorchTrainer;
+the table never passes through it.  Every worker (`train_worker`):
 
-  1. streams ITS users from Parquet: the seen users' train rows whose
-     hash(user_id) % world is its rank (`ShardByUser`), so all pairs of a user
-     sit on one worker and support/query splits and the inner loop need
-     nothing from the others;
-  2. runs mrm_ray.meta.meta_train on them.  Per meta-step the workers exchange
-     only the meta-batch's B query losses (all-gather: RPO's quantile is over
-     the GLOBAL meta-batch) and the K*d + K meta-gradient (all-reduce); which
-     users form a meta-batch is a hash of (seed, epoch, user id), so 1 worker
-     or N workers take exactly the same steps;
+  1. reads ITS buckets of `<run>/shards/` (bucket b goes to worker b % world),
+     written by the driver's one validating pass over the table (mrm_ray.train
+     and mrm_ray.data.shards): all pairs of a user sit in one bucket, so
+     support/query splits and the inner loop need nothing from the others, and
+     a worker reads its share of the data and nothing else;
+  2. runs mrm_ray.core.meta.meta_train on them.  Per meta-step the workers
+     exchange only the meta-batch's B query losses (all-gather: RPO's quantile is
+     over the GLOBAL meta-batch) and the K*d + K meta-gradient (all-reduce); which
+     users form a meta-batch is a hash of (seed, epoch, user id), so 1 worker or
+     N workers take exactly the same steps;
   3. after every validation pass reports its metrics, rank 0 with a checkpoint
      (a folder holding state.pt: head, optimizer, scheduler, best head, history).
 
 Checkpoints live in <run>/checkpoints/train/epoch-NNNNNN.  A worker that dies
 restarts the worker group from the latest checkpoint Ray Train has registered
-(FailureConfig(max_failures); Train registers reports when it polls the
-workers, every ~2 s); re-running `mrm train` on the run directory restores the
-same Ray Train run (same name and storage path) and continues from there, on
-the same or another number of workers: the steps do not depend on it.
+(FailureConfig(max_failures); a damaged checkpoint falls back to the newest
+readable one); re-running `mrm train` on the run directory restores the same
+Ray Train run (same name and storage path) and continues from there, on the
+same or another number of workers: the buckets and the steps do not depend on it.
 """
 from __future__ import annotations
 
@@ -34,93 +35,25 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import ray
 import ray.train
 import ray.train.torch
 import torch
-from ray.train import DataConfig
 
 from mrm_ray import config as config_mod
-from mrm_ray import contract as C
-from mrm_ray import meta, raytools, runs, storage, tasks
-from mrm_ray.model import MRMHead
+from mrm_ray import raytools
+from mrm_ray.core import meta
+from mrm_ray.core.model import MRMHead
+from mrm_ray.data import runs, shards, storage
+from mrm_ray.errors import unwrap
 
 log = logging.getLogger(__name__)
 
 RUN_NAME = "train"              # <run>/checkpoints/<RUN_NAME>: the Ray Train run (same name -> resume)
 STATE_FILE = "state.pt"         # meta.TrainState, runs.state_to_bytes
-DATASET = "seen_train"          # the one dataset the workers read
 CHECKPOINTS_KEPT = 3
-READ_COLUMNS = [C.USER_ID, C.PAIR_ID, C.CONV_ID, C.SPLIT, C.CHOSEN_EMB, C.REJECTED_EMB]
-_ROUTE_SALT = 0x5EED_0F_A11     # routing hash != the seen/unseen hash (tasks.seen_mask)
-
-
-# --- which worker holds which user ---------------------------------------------------
-def user_hashes(user_ids, seed: int) -> np.ndarray:
-    return tasks.hash_ids(np.asarray(user_ids, dtype=object), seed)
-
-
-def worker_of(hashes: np.ndarray, world: int) -> np.ndarray:
-    """The rank (0..world-1) that holds each user, from its stored hash."""
-    return (tasks.mix64(hashes, _ROUTE_SALT) % np.uint64(world)).astype(np.int64)
-
-
-def rows_of_rank(batch: pa.Table, *, seen_hashes, seed: int, rank: int, world: int, dim: int) -> pa.Table:
-    """Ray Data map: the train rows of the seen users that live on `rank` (validated, fixed-size).
-
-    seen_hashes: the sorted user_hashes of the seen users, or an ObjectRef to them
-    (one copy per node in the object store, whatever the number of workers).
-    """
-    if isinstance(seen_hashes, ray.ObjectRef):
-        seen_hashes = ray.get(seen_hashes)
-    t = C.normalize_embeddings(batch, dim=dim)
-    h = user_hashes(t.column(C.USER_ID).to_numpy(zero_copy_only=False), seed)
-    pos = np.minimum(np.searchsorted(seen_hashes, h), max(len(seen_hashes) - 1, 0))
-    seen = seen_hashes[pos] == h if len(seen_hashes) else np.zeros(len(h), dtype=bool)
-    train = ~pc.equal(t.column(C.SPLIT), C.TEST).to_numpy(zero_copy_only=False)
-    keep = seen & train & (worker_of(h, world) == rank)
-    return t.filter(pa.array(keep)).select(READ_COLUMNS)
-
-
-class ShardByUser(DataConfig):
-    """Ray Train DataConfig: worker r reads the rows of the users that hash to r.
-
-    Ray's default split hands out blocks, which would scatter a user's pairs
-    over workers.  Here every worker streams the table through a filter on
-    hash(user_id) % world, so a user's pairs are never split and no worker
-    needs another's rows.  The price: each worker's read scans the whole table
-    and keeps 1/world of it (reads cost world x the table; memory per worker
-    is its shard).  The world size is Ray Train's, given when the worker group
-    starts, so a restarted group is sharded the same way.
-    """
-
-    def __init__(self, seen_hashes: np.ndarray, seed: int, dim: int):
-        super().__init__()
-        self.seen_hashes = ray.put(np.sort(np.asarray(seen_hashes, dtype=np.uint64)))
-        self.seed, self.dim = seed, dim
-
-    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
-        out = [{} for _ in range(world_size)]
-        for name, ds in datasets.items():
-            for rank in range(world_size):
-                shard = ds.map_batches(rows_of_rank, batch_format="pyarrow", num_cpus=0.5, fn_kwargs=dict(
-                    seen_hashes=self.seen_hashes, seed=self.seed, rank=rank, world=world_size, dim=self.dim))
-                shard.context.execution_options = self._resolve_execution_options(name)
-                out[rank][name] = shard.iterator()
-        return out
-
-
-# --- the worker --------------------------------------------------------------------
-def load_shard(batches, dim: int, cfg: config_mod.TrainConfig) -> tasks.UserPairs:
-    """This worker's users (sorted by id, as the single-process path) with the caps applied."""
-    from mrm_ray.train import cap_train
-    parts = [b for b in batches if b.num_rows]
-    table = pa.concat_tables(parts) if parts else C.embeddings_schema(dim).empty_table().select(READ_COLUMNS)
-    return cap_train(tasks.user_pairs_from_table(table), cfg, cfg.seen_train_limit)
 
 
 def _cpu(obj):
@@ -168,15 +101,20 @@ def _newest_readable(fs, base: str, before: str | None = None) -> meta.TrainStat
 
 def train_worker(config: dict) -> None:
     """Runs on every Ray Train worker (torch.distributed is initialised by TorchTrainer)."""
+    from mrm_ray.train import load_seen, reference_index, seen_users
     cfg = config_mod.from_dict(config["cfg"])
     dim, n_users = config["dim"], config["n_users"]
-    rank = ray.train.get_context().get_world_rank()
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     t0 = time.time()
-    batches = ray.train.get_dataset_shard(DATASET).iter_batches(batch_size=None, batch_format="pyarrow")
-    shard = load_shard(batches, dim, cfg)
-    log.info("rank %d: %d users, %d pairs read in %.1fs", rank, shard.n_users, shard.n_pairs, time.time() - t0)
+    mine = shards.buckets_of_rank(cfg.shard_buckets, rank, world)
+    seen = seen_users(config["run"])
+    shard = load_seen(config["run"], cfg, seen, dim, buckets=mine)
+    read = shards.bucket_bytes([shards.bucket_uri(storage.join(config["run"], runs.SHARDS), b) for b in mine])
+    log.info("rank %d: %d users, %d pairs from %d buckets (%.1f MB read) in %.1fs", rank, shard.n_users,
+             shard.n_pairs, len(mine), read / 1e6, time.time() - t0)
     # Every seen user must be on exactly one worker: the users counted here are the driver's.
     found = int(meta.Collective().all_sum(torch.tensor([shard.n_users], dtype=torch.float64)).item())
     if found != n_users:
@@ -195,7 +133,7 @@ def train_worker(config: dict) -> None:
         shard.diff = shard.diff.to(device)
 
     def on_epoch_end(st: meta.TrainState, metrics: dict) -> None:
-        metrics = {**metrics, "shard_users": shard.n_users, "shard_pairs": shard.n_pairs}
+        metrics = {**metrics, "shard_users": shard.n_users, "shard_pairs": shard.n_pairs, "shard_bytes_read": read}
         if rank != 0:
             ray.train.report(metrics)
             return
@@ -204,16 +142,13 @@ def train_worker(config: dict) -> None:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
                              checkpoint_dir_name=f"epoch-{st.epoch:06d}")
 
-    index = None
-    if config.get("reference_index") is not None:
-        lookup = config["reference_index"]
-        index = np.array([lookup[str(u)] for u in shard.user_ids], dtype=np.int64)
-    meta.meta_train(cfg, head, shard, n_users, state=state, on_epoch_end=on_epoch_end, reference_index=index)
+    meta.meta_train(cfg, head, shard, n_users, state=state, on_epoch_end=on_epoch_end,
+                    reference_index=reference_index(seen, shard.user_ids))
 
 
 # --- the driver ---------------------------------------------------------------------
 def checkpoint_root(run_uri: str) -> str:
-    return storage.join(run_uri, "checkpoints")
+    return storage.join(run_uri, runs.CHECKPOINTS)
 
 
 def latest_state(run_uri: str) -> meta.TrainState | None:
@@ -222,18 +157,17 @@ def latest_state(run_uri: str) -> meta.TrainState | None:
     return _newest_readable(fs, base)
 
 
-def check_cluster(cfg: config_mod.TrainConfig) -> None:
+def check_cluster(cfg: config_mod.TrainConfig, address: str | None = None) -> None:
     """Connect to Ray and refuse a worker group it cannot host (see _check_resources)."""
-    raytools.ensure_ray()
+    raytools.ensure_ray(address)
     _check_resources(cfg)
 
 
 def _check_resources(cfg: config_mod.TrainConfig) -> None:
-    """Before Ray Train waits: the worker group fits (or an autoscaler will make it fit), and leaves
-    a CPU for the reads that feed it (Ray Data would wait forever for one)."""
-    raytools.require_resources(cfg.num_workers * cfg.cpus_per_worker + 0.5, cfg.num_workers if cfg.use_gpu else 0,
+    """Before Ray Train waits: the worker group fits, or an autoscaler will make it fit."""
+    raytools.require_resources(cfg.num_workers * cfg.cpus_per_worker, cfg.num_workers if cfg.use_gpu else 0,
                                f"{cfg.num_workers} Ray Train worker(s) x {cfg.cpus_per_worker:g} CPU"
-                               f"{' and 1 GPU' if cfg.use_gpu else ''}, plus 0.5 CPU for reading the table")
+                               f"{' and 1 GPU' if cfg.use_gpu else ''}")
 
 
 _INTERRUPTED = threading.Event()
@@ -270,8 +204,8 @@ def selected_head(dim: int, cfg: config_mod.TrainConfig, state: meta.TrainState)
     return head
 
 
-def fit(cfg: config_mod.TrainConfig, embeddings_uri: str, run_uri: str, seen_users: pa.Table,
-        dim: int, start: dict | None = None) -> tuple[MRMHead, meta.TrainState]:
+def fit(cfg: config_mod.TrainConfig, run_uri: str, seen_users: pa.Table, dim: int,
+        start: dict | None = None) -> tuple[MRMHead, meta.TrainState]:
     """Meta-train on Ray Train from the run's latest checkpoint, if any.
 
     Returns the selected head and the final training state (last and best head, history).
@@ -283,34 +217,23 @@ def fit(cfg: config_mod.TrainConfig, embeddings_uri: str, run_uri: str, seen_use
 
     raytools.ensure_ray()
     _check_resources(cfg)
-    files = storage.parquet_files(embeddings_uri)
-    in_fs, _ = storage.resolve(embeddings_uri)
-    columns = [c for c in READ_COLUMNS if c in storage.schema(embeddings_uri).names]
     ckpt_fs, ckpt_path = storage.resolve(checkpoint_root(run_uri))
     ckpt_fs.create_dir(ckpt_path, recursive=True)
-    seen_ids = seen_users.column("user_id").to_numpy(zero_copy_only=False)
-
-    # Train hands the driver's DataContext to its workers: per-worker progress bars would interleave.
-    data_ctx = ray.data.DataContext.get_current()
-    bars, data_ctx.enable_progress_bars = data_ctx.enable_progress_bars, False
     train = ray.train
     try:
         trainer = _trainer_class()(
             train_worker,
-            train_loop_config={"cfg": config_mod.to_dict(cfg), "dim": dim, "n_users": len(seen_ids),
-                               "start": start, "reference_index": None if cfg.reference_mode == "none" else dict(
-                                   zip(seen_ids.astype(str).tolist(),
-                                       seen_users.column("reference_index").to_pylist()))},
+            # the workers read the seen users from the run directory (not through this config)
+            train_loop_config={"cfg": config_mod.to_dict(cfg), "dim": dim, "n_users": seen_users.num_rows,
+                               "start": start, "run": run_uri},
             torch_config=train.torch.TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
             scaling_config=train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                                resources_per_worker={"CPU": cfg.cpus_per_worker}),
             run_config=train.RunConfig(name=RUN_NAME, storage_path=ckpt_path, storage_filesystem=ckpt_fs,
                                        failure_config=train.FailureConfig(max_failures=cfg.max_failures),
                                        checkpoint_config=train.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT)),
-            datasets={DATASET: ray.data.read_parquet(files, filesystem=in_fs, num_cpus=0.5).select_columns(columns)},
-            dataset_config=ShardByUser(user_hashes(seen_ids, cfg.seed), cfg.seed, dim),
         )
-        log.info("meta-training %d seen users on %d Ray Train worker(s) (%s); checkpoints in %s", len(seen_ids),
+        log.info("meta-training %d seen users on %d Ray Train worker(s) (%s); checkpoints in %s", seen_users.num_rows,
                  cfg.num_workers, "GPU, nccl" if cfg.use_gpu else "CPU, gloo", checkpoint_root(run_uri))
         result = trainer.fit()
     except (train.TrainingFailedError, ray.exceptions.RayActorError, SystemExit) as e:
@@ -318,13 +241,11 @@ def fit(cfg: config_mod.TrainConfig, embeddings_uri: str, run_uri: str, seen_use
             raise KeyboardInterrupt from None
         if not isinstance(e, train.TrainingFailedError):
             raise
-        err = raytools.user_error(e)
-        if err is not None:   # a mistake in the input, found by a worker: one line, as anywhere else
+        err = unwrap(e)
+        if err is not e:   # a mistake in the input, found by a worker: one line, as anywhere else
             raise err from None
         log.error("training failed; re-run the same `mrm train` command to resume from the last checkpoint")
         raise
-    finally:
-        data_ctx.enable_progress_bars = bars
     if _INTERRUPTED.is_set():
         raise KeyboardInterrupt
     state = read_state(result.checkpoint) if result.checkpoint is not None else latest_state(run_uri)

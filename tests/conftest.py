@@ -45,7 +45,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="session")
 def s3_server():
-    """moto's S3 server on loopback; sets the AWS_* variables that mrm_ray.storage reads."""
+    """moto's S3 server on loopback; sets the AWS_* variables that mrm_ray.data.storage reads."""
     from moto.server import ThreadedMotoServer
 
     port = _free_port()

@@ -3,7 +3,7 @@
 Written the way the MRM reference adapts a user (a fresh torch optimizer on theta,
 chosen and rejected forwarded separately), or, for Newton adaptation, as the
 posterior mode found by L-BFGS on the same objective: nothing shared with
-mrm_ray.adapt except the definition of the reward.
+mrm_ray.core.adapt except the definition of the reward.
 """
 from __future__ import annotations
 

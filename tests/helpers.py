@@ -1,0 +1,26 @@
+"""Helpers shared by the tests (import: from helpers import ...)."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+DIM = 8
+
+
+def one_line_error(capsys, rc: int, *expect: str) -> str:
+    err = capsys.readouterr().err.strip()
+    assert rc not in (0, None), err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    for e in expect:
+        assert e in err, err
+    return err
+
+
+def digest(path: Path) -> str:
+    """Everything under a folder (names and bytes; not a run directory's lock): unchanged means untouched."""
+    h = hashlib.sha256()
+    for p in sorted(q for q in path.rglob("*") if q.name != "_lock"):
+        h.update(str(p.relative_to(path)).encode())
+        if p.is_file():
+            h.update(p.read_bytes())
+    return h.hexdigest()

@@ -1,0 +1,208 @@
+"""`mrm embed`: the Ray Data pipeline equals the reference's one-example-at-a-time loop.
+
+The reference (MRM's preprocess scripts) runs the reward model on one
+conversation at a time and keeps `hidden_states[-1][0, -1]` and the logit;
+batching, length bucketing and padding (either side) must not change either.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from tiny_models import tiny_reward_model
+
+from mrm_ray import backbone, cli
+from mrm_ray.data import contract as C
+from mrm_ray.data import runs, storage
+
+ATOL = 1e-4
+
+
+def make_pairs(n: int = 14) -> list[dict]:
+    """Mixed lengths (1 to ~150 tokens), single- and multi-turn prompts, several users."""
+    pairs = []
+    for i in range(n):
+        prompt = [{"role": "user", "content": "Please summarize this post: " + "the lazy dog " * (i % 5)}]
+        if i % 3 == 0:
+            prompt += [{"role": "assistant", "content": "Sure, here is a short answer."},
+                       {"role": "user", "content": "more detail please " * (i % 4 + 1)}]
+        pairs.append({C.USER_ID: f"u{i % 3}", C.PAIR_ID: f"p{i:02d}", C.CONV_ID: f"c{i // 2}",
+                      C.SPLIT: C.TRAIN if i % 4 else C.TEST, C.PROMPT: prompt,
+                      C.CHOSEN: "Here is a detailed answer with a list: first, second. " * (i % 6 + 1),
+                      C.REJECTED: "ok" + " thank you" * (i % 3)})
+    return pairs
+
+
+def pairs_table(pairs) -> pa.Table:
+    return pa.Table.from_pylist(pairs, schema=pa.schema([
+        (C.USER_ID, pa.string()), (C.PAIR_ID, pa.string()), (C.CONV_ID, pa.string()), (C.SPLIT, pa.string()),
+        (C.PROMPT, C.PROMPT_TYPE), (C.CHOSEN, pa.string()), (C.REJECTED, pa.string())]))
+
+
+@torch.no_grad()
+def reference_loop(model_dir: str, pairs: list[dict]):
+    """The reference's way: one conversation at a time, no padding, last position, the model's logit."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    out = {k: [] for k in ("chosen_emb", "rejected_emb", "chosen_score", "rejected_score")}
+    for ex in pairs:
+        for key in ("chosen", "rejected"):
+            ids = tok.apply_chat_template(ex[C.PROMPT] + [{"role": "assistant", "content": ex[key]}],
+                                          tokenize=True, return_dict=True, return_tensors="pt")["input_ids"]
+            res = model(ids, output_hidden_states=True)
+            out[f"{key}_emb"].append(res.hidden_states[-1][0, -1])
+            out[f"{key}_score"].append(res.logits[0, 0])
+    return {k: torch.stack(v) for k, v in out.items()}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """The same tiny random reward model twice, once with a left- and once with a right-padding tokenizer."""
+    root = tmp_path_factory.mktemp("models")
+    return {side: tiny_reward_model(root / side, padding_side=side) for side in ("left", "right")}
+
+
+@pytest.fixture(scope="module")
+def reference(models):
+    return reference_loop(models["right"], make_pairs())
+
+
+def check_against_reference(table: pa.Table, reference, pairs):
+    table = C.normalize_embeddings(table)
+    got = {r[C.PAIR_ID]: i for i, r in enumerate(table.select([C.PAIR_ID]).to_pylist())}
+    order = [got[p[C.PAIR_ID]] for p in pairs]
+    assert sorted(got) == sorted(p[C.PAIR_ID] for p in pairs)
+    for col in (C.CHOSEN_EMB, C.REJECTED_EMB):
+        mat = torch.from_numpy(C.emb_matrix(table.column(col)).copy())[order]
+        torch.testing.assert_close(mat, reference[col].float(), atol=ATOL, rtol=1e-4)
+    for col in (C.CHOSEN_SCORE, C.REJECTED_SCORE):
+        scores = torch.tensor(table.column(col).to_pylist())[order]
+        torch.testing.assert_close(scores, reference[col].float(), atol=ATOL, rtol=1e-4)
+    keys = table.select([C.PAIR_ID, C.USER_ID, C.CONV_ID, C.SPLIT]).to_pylist()
+    assert sorted(keys, key=lambda r: r[C.PAIR_ID]) == [
+        {k: p[k] for k in (C.PAIR_ID, C.USER_ID, C.CONV_ID, C.SPLIT)} for p in pairs]
+
+
+# --- in-process API (no Ray) ------------------------------------------------------------
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_encode_pairs_matches_reference_loop(models, reference, side):
+    model, tok = backbone.load_backbone(models[side], device="cpu")
+    assert tok.padding_side == side
+    # A small token budget forces several length-bucketed sub-batches, each padded.
+    ch, rj, cs, rs = backbone.encode_pairs(model, tok, make_pairs(), batch_tokens=300, return_scores=True)
+    torch.testing.assert_close(ch, reference["chosen_emb"], atol=ATOL, rtol=1e-4)
+    torch.testing.assert_close(rj, reference["rejected_emb"], atol=ATOL, rtol=1e-4)
+    torch.testing.assert_close(cs, reference["chosen_score"], atol=ATOL, rtol=1e-4)
+    torch.testing.assert_close(rs, reference["rejected_score"], atol=ATOL, rtol=1e-4)
+    # The score head applied to the embedding reproduces the model's logit (the reference's own check).
+    torch.testing.assert_close(model.score(ch).squeeze(-1), cs, atol=ATOL, rtol=1e-4)
+
+
+def test_truncation_keeps_the_end_and_is_counted(models):
+    model, tok = backbone.load_backbone(models["right"], device="cpu")
+    enc = backbone.PairEncoder(model, tok, max_length=12)
+    convs = [[{"role": "user", "content": "hello " * 30}, {"role": "assistant", "content": "the end"}],
+             [{"role": "user", "content": "hi"}]]
+    full = tok.apply_chat_template(convs, tokenize=True, return_dict=True)["input_ids"]
+    ids, truncated = enc.tokenize(convs)
+    assert truncated == 1 and len(ids[0]) == 12 and ids[1] == full[1]
+    assert ids[0][0] == tok.bos_token_id and ids[0][1:] == full[0][-11:]
+
+
+def test_default_cpu_model_mean_pooling():
+    """The demo MiniLM (no chat template): plain concatenation, mean over real tokens, 384-d."""
+    path = backbone.default_cpu_model()
+    model, tok = backbone.load_backbone(path, device="cpu")
+    pairs = make_pairs(3)
+    ch, rj = backbone.encode_pairs(model, tok, pairs)
+    assert ch.shape == (3, 384) and backbone.PairEncoder(model, tok).pooling == "mean"
+    text = "\n\n".join([m["content"] for m in pairs[2][C.PROMPT]] + [pairs[2][C.REJECTED]])
+    with torch.no_grad():
+        hidden = model(**tok(text, return_tensors="pt")).last_hidden_state[0]
+    torch.testing.assert_close(rj[2], hidden.mean(0), atol=ATOL, rtol=1e-4)
+
+
+# --- the Ray Data pipeline ---------------------------------------------------------------------
+def embed_cli(pairs_uri, out_uri, model, *extra):
+    return cli.main(["embed", "--pairs", pairs_uri, "--out", out_uri, "--model", model,
+                     "--batch-rows", "4", "--batch-tokens", "300", *extra])
+
+
+def test_pipeline_matches_reference_left_padding_and_reruns_identically(ray_local, tmp_path, models, reference):
+    pairs = make_pairs()
+    storage.write_table(pairs_table(pairs), str(tmp_path / "pairs"))
+    truth = pa.table({C.USER_ID: ["u0"], "oracle_test_accuracy": [0.9]})  # as a synthetic population has
+    storage.write_table(truth, str(tmp_path / "pairs" / "_truth"))
+    out = str(tmp_path / "emb")
+    assert embed_cli(str(tmp_path / "pairs"), out, models["left"]) == 0
+    assert storage.exists(f"{out}/_SUCCESS")
+    assert storage.read_table(f"{out}/_truth").equals(truth)  # ground truth travels with the embeddings
+    first = storage.read_table(out)
+    assert first.schema.field(C.CHOSEN_EMB).type == C.emb_type(48)
+    made = runs.provenance(out)   # how the table was made travels in its schema
+    assert made["backbone"] == models["left"] and made["pooling"] == "last" and made["dim"] == "48"
+    assert made["dtype"] == "float32" and int(made["max_length"]) >= 2 and made["backbone_id"]
+    check_against_reference(first, reference, pairs)
+    # A rerun over the same output (with --overwrite) replaces it with the same table: same rows, same order, same
+    # numbers (bit-for-bit in practice; the BLAS may round the last bit differently between
+    # processes when memory alignment differs, so the values are compared at 1e-6).
+    assert embed_cli(str(tmp_path / "pairs"), out, models["left"], "--overwrite") == 0
+    again = storage.read_table(out)
+    assert again.schema == first.schema
+    assert again.drop_columns([C.CHOSEN_EMB, C.REJECTED_EMB, C.CHOSEN_SCORE, C.REJECTED_SCORE]).equals(
+        first.drop_columns([C.CHOSEN_EMB, C.REJECTED_EMB, C.CHOSEN_SCORE, C.REJECTED_SCORE]))
+    for col in (C.CHOSEN_EMB, C.REJECTED_EMB):
+        np.testing.assert_allclose(C.emb_matrix(again.column(col)), C.emb_matrix(first.column(col)), atol=1e-6)
+
+
+def test_pipeline_s3_round_trip_right_padding(ray_local, s3_bucket, models, reference):
+    pairs = make_pairs()
+    storage.write_table(pairs_table(pairs), f"{s3_bucket}/pairs")
+    assert embed_cli(f"{s3_bucket}/pairs", f"{s3_bucket}/emb", models["right"], "--emb-dtype", "float16") == 0
+    table = storage.read_table(f"{s3_bucket}/emb")
+    assert table.schema.field(C.CHOSEN_EMB).type == C.emb_type(48, pa.float16())
+    assert storage.exists(f"{s3_bucket}/emb/_SUCCESS")
+    got = torch.from_numpy(C.emb_matrix(table.column(C.CHOSEN_EMB)).copy())
+    ids = [r[C.PAIR_ID] for r in table.select([C.PAIR_ID]).to_pylist()]
+    want = reference["chosen_emb"][[int(i[1:]) for i in ids]]
+    torch.testing.assert_close(got, want, atol=2e-3 * want.abs().max().item(), rtol=1e-3)  # float16 storage
+
+
+def test_bad_rows_fail_with_one_line_and_no_complete_output(ray_local, tmp_path, models, capsys):
+    pairs = make_pairs()
+    pairs[5][C.REJECTED] = "   "
+    pairs[9][C.REJECTED] = ""
+    storage.write_table(pairs_table(pairs), str(tmp_path / "pairs"))
+    out = tmp_path / "emb"
+    assert embed_cli(str(tmp_path / "pairs"), str(out), models["right"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert "rejected" in err[0] and "empty" in err[0] and "pair_id='p" in err[0]
+    assert not (out / "_SUCCESS").exists() and not list(out.glob(".partial-*")) and not list(out.glob("*.parquet"))
+
+
+def test_missing_column_fails_before_any_work(tmp_path, models, capsys):
+    storage.write_table(pairs_table(make_pairs()).drop_columns([C.CHOSEN]), str(tmp_path / "pairs"))
+    assert embed_cli(str(tmp_path / "pairs"), str(tmp_path / "emb"), models["right"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "missing column(s) chosen" in err
+    assert not (tmp_path / "emb" / "_SUCCESS").exists()
+
+
+def test_nonexistent_model_path(tmp_path, capsys):
+    storage.write_table(pairs_table(make_pairs(2)), str(tmp_path / "pairs"))
+    missing = str(tmp_path / "no" / "such-model")
+    assert embed_cli(str(tmp_path / "pairs"), str(tmp_path / "emb"), missing) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and missing in err and "does not exist" in err
+
+
+def test_unreachable_bucket(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # discard port: nothing listens
+    monkeypatch.setenv("MRM_S3_CONNECT_TIMEOUT", "1")
+    assert embed_cli("s3://nowhere/pairs", str(tmp_path / "emb"), "unused") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "s3://nowhere/pairs" in err
