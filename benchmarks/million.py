@@ -5,7 +5,7 @@
 
 Each stage runs as its `mrm` command in a subprocess, as a user would run it;
 the script prints the command, its wall time and its peak memory: the largest
-sum of resident set sizes over the command's whole process tree (the driver,
+sum of proportional set sizes (PSS) over the command's whole process tree (Linux /proc) (the driver,
 the local Ray cluster it starts, every Ray worker), sampled every 0.2 s.  The
 candidates for `mrm score` (each test pair's two responses, for its user) are
 written by a streamed pass over the embeddings table, not collected in memory.
@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
-
-import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -32,13 +31,29 @@ from mrm_ray.data import contract as C  # noqa: E402
 from mrm_ray.data import storage  # noqa: E402
 
 
-def tree_rss(proc: psutil.Process) -> int:
+def tree_pss(root: int) -> int:
+    """Proportional set size of a process and all its descendants (Linux /proc).  PSS, not RSS:
+    Ray's processes map the same shared memory (the object store, libraries), which RSS would
+    count once per process."""
+    parent = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    parent[int(d)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    tree, frontier = {root}, {root}
+    while frontier:
+        frontier = {p for p, pp in parent.items() if pp in frontier and p not in tree}
+        tree |= frontier
     total = 0
-    for p in [proc, *proc.children(recursive=True)]:
+    for p in tree:
         try:
-            total += p.memory_info().rss
-        except psutil.Error:
-            pass
+            with open(f"/proc/{p}/smaps_rollup") as f:
+                total += next(int(line.split()[1]) for line in f if line.startswith("Pss:")) * 1024
+        except (OSError, StopIteration, ValueError):
+            continue
     return total
 
 
@@ -47,14 +62,11 @@ def run_stage(name: str, argv: list[str]) -> dict:
     print(f"$ mrm {' '.join(argv)}", flush=True)
     t0 = time.time()
     p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    proc, peak, done = psutil.Process(p.pid), [0], threading.Event()
+    peak, done = [0], threading.Event()
 
     def sample():
         while not done.wait(0.2):
-            try:
-                peak[0] = max(peak[0], tree_rss(proc))
-            except psutil.Error:
-                pass
+            peak[0] = max(peak[0], tree_pss(p.pid))
     threading.Thread(target=sample, daemon=True).start()
     out = p.stdout.read()
     rc = p.wait()
@@ -65,8 +77,8 @@ def run_stage(name: str, argv: list[str]) -> dict:
         print(out[-4000:])
         raise SystemExit(f"{name} failed with exit status {rc}")
     print("  " + "\n  ".join(last))
-    print(f"  {name}: {seconds:.0f} s wall, peak RSS {peak[0] / 2**30:.2f} GiB (process tree)", flush=True)
-    return {"stage": name, "seconds": round(seconds, 1), "peak_rss_gib": round(peak[0] / 2**30, 2)}
+    print(f"  {name}: {seconds:.0f} s wall, peak memory {peak[0] / 2**30:.2f} GiB (PSS, process tree)", flush=True)
+    return {"stage": name, "seconds": round(seconds, 1), "peak_pss_gib": round(peak[0] / 2**30, 2)}
 
 
 def write_candidates(embeddings: str, out: str) -> int:

@@ -69,14 +69,15 @@ def memory_and_speed_by_dtype(buckets: str, cfg, steps: int) -> None:
     """A worker's shard held as float32 vs bfloat16 (shard_dtype): bytes in memory and meta-step rate."""
     import gc
 
-    import psutil
-    me = psutil.Process()
+    def rss() -> int:   # resident bytes of this process (Linux /proc)
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     for dtype in (torch.float32, torch.bfloat16):
         gc.collect()
-        before = me.memory_info().rss
+        before = rss()
         uris = [shards.bucket_uri(buckets, b) for b in range(cfg.shard_buckets)]
         shard = shards.load(uris, cfg.seed, dtype=dtype)
-        grown = me.memory_info().rss - before
+        grown = rss() - before
         with meta.single_thread():
             rate = run_batched(shard, cfg, steps, meta.Collective(), shard.n_users)
         print(f"shard as {str(dtype).split('.')[-1]:8s}: embeddings {shard.diff.nbytes / 1e6:8.1f} MB "

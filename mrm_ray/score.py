@@ -184,21 +184,16 @@ def route_unit(unit: Unit, j: int, personalizer: Personalizer, n_parts: int, shu
                 batch = batch.filter(pc.invert(pc.fill_null(pc.equal(batch.column(C.SPLIT), C.TEST), False)))
         if batch.num_rows == 0:
             continue
-        ids = _user_ids(batch, what)
-        if support:
+        if support:   # support rows need no pair ids here (checked once, up front, where present)
+            ids = _user_ids(batch, what)
             mats = [C.emb_matrix(batch.column(c), what, c) for c in (C.CHOSEN_EMB, C.REJECTED_EMB)]
             for c, m in zip((C.CHOSEN_EMB, C.REJECTED_EMB), mats):
                 C.check_values(batch, m, c, what)
             phi, extra = personalizer.project(mats[0]) - personalizer.project(mats[1]), {}
         else:
-            mat = C.emb_matrix(batch.column(C.EMB), what, C.EMB)
-            C.check_values(batch, mat, C.EMB, what)
-            phi = personalizer.project(mat)
-            cid = batch.column(C.CANDIDATE_ID)
-            cid = cid if pa.types.is_string(cid.type) else pc.cast(cid, pa.string())
-            if cid.null_count:
-                raise C.ContractError(f"candidates column 'candidate_id' has {cid.null_count} null value(s)")
-            extra = {C.CANDIDATE_ID: cid}
+            t = C.normalize_candidates(batch, what, dim=personalizer.dim)
+            ids, phi = t.column(C.USER_ID).combine_chunks(), personalizer.project(C.emb_matrix(t.column(C.EMB)))
+            extra = {C.CANDIDATE_ID: t.column(C.CANDIDATE_ID).combine_chunks()}
         k = phi.shape[1]
         pieces.append(pa.table({C.USER_ID: ids, **extra,
                                 PHI: pa.FixedSizeListArray.from_arrays(pa.array(phi.numpy().reshape(-1)), k)}))

@@ -157,8 +157,9 @@ def reference_index(users: pa.Table, user_ids: np.ndarray) -> np.ndarray:
 def data_start(cfg: TrainConfig, run_uri: str, seen: pa.Table, dim: int) -> tuple[dict, dict]:
     """The data-driven start (mrm_ray.core.basis) from the seen users' training pairs.
 
-    Uses at most cfg.basis.max_values floats: whole buckets (hash-random sets of
-    whole users), as many as fit; meta-training then sees every user.  It uses
+    Uses at most cfg.basis.max_values floats and cfg.basis.max_pairs pairs: whole
+    buckets (hash-random sets of whole users), as many as fit; meta-training then
+    sees every user.  It uses
     the validation carve of meta-training too (a data-poor population needs
     every pair; the start's own choices are cross-validated over users):
     epoch 0 then looks a little better on the carve than it is, so the later
@@ -170,8 +171,9 @@ def data_start(cfg: TrainConfig, run_uri: str, seen: pa.Table, dim: int) -> tupl
         pairs = np.minimum(pairs, cfg.seen_train_limit)
     bucket = shards.bucket_of(shards.user_hash(seen.column("user_id").to_numpy(zero_copy_only=False), cfg.seed),
                               cfg.shard_buckets)
-    per_bucket = np.bincount(bucket, weights=pairs, minlength=cfg.shard_buckets) * dim
-    n_take = max(1, int(np.searchsorted(np.cumsum(per_bucket), cfg.basis.max_values, side="right")))
+    per_bucket = np.bincount(bucket, weights=pairs, minlength=cfg.shard_buckets)
+    budget = min(cfg.basis.max_values / dim, cfg.basis.max_pairs)   # pairs
+    n_take = max(1, int(np.searchsorted(np.cumsum(per_bucket), budget, side="right")))
     shard = load_seen(run_uri, cfg, seen, dim, buckets=list(range(min(n_take, cfg.shard_buckets))))
     shard = shard.select(shard.counts()[shard.pair_user()] > 0, keep_empty_users=False)
     if shard.n_users < 2:

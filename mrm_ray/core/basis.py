@@ -58,7 +58,9 @@ class BasisConfig:
     newton_steps: int = 8                # Newton steps of the posterior modes inside EM
     shrink: float = 0.05                 # covariance shrinkage towards its mean eigenvalue, for whitening
     select: str = "loss"                 # what decides K (and whether to personalize): held-out "loss" or "accuracy"
-    max_values: int = 50_000_000         # at most this many floats (pairs x d) of the seen users are used
+    max_values: int = 50_000_000         # at most this many floats (pairs x d) of the seen users are used,
+    max_pairs: int = 200_000             # and at most this many pairs: the start's cost is bounded whatever
+                                         # the population (the zoo's populations are far below both)
 
 
 @dataclass

@@ -3,7 +3,8 @@
 A frozen backbone embeds every response once as `e` (dim d).  MRM keeps K
 shared linear "base rewards" and, per user, K logits theta_u:
 
-    phi(e)   = W (s * e)                  W: (K, d), s = 0.01, no bias
+    phi(e)   = W (s * e)                  W: (K, d), no bias; s = 1 / RMS norm of chosen - rejected
+                                          (measured by `mrm train`; the reference's presets: 0.01)
     r_u(e)   = softmax(theta_u) . phi(e)  a convex mix of the K base rewards  (weights="softmax")
     r_u(e)   = theta_u . phi(e)           a free linear mix                  (weights="linear")
 

@@ -1,7 +1,7 @@
 """The one data contract: column names, dtypes and validation for every table.
 
-Every stage and every test imports names from here; no other module spells a
-column name as a string literal.  Validation works on one pyarrow Table or
+Every stage and every test takes the contract's column names from here.
+Validation works on one pyarrow Table or
 RecordBatch at a time so that it streams: a stage validates each batch as it
 reads it, and a bad row anywhere fails the stage with one line that names the
 column and a sample row.
@@ -146,13 +146,18 @@ def _check_unique(table, column: str, what: str) -> None:
         raise ContractError(f"{what} column {column!r} must be unique; {dup!r} appears more than once")
 
 
-def _normalize_keys(table, what: str):
-    table = _fill_string(table, USER_ID)
-    table = _fill_string(table, PAIR_ID)
-    for c in (USER_ID, PAIR_ID):
+def _required_strings(table, columns, what: str):
+    """Cast id columns to string and refuse nulls, naming a sample row."""
+    for c in columns:
+        table = _fill_string(table, c)
         if pc.any(pc.is_null(table.column(c))).as_py():
             raise ContractError(f"{what} column {c!r} has nulls: "
                                 f"{_sample(table, pc.is_null(table.column(c)).to_numpy(zero_copy_only=False), 'null')}")
+    return table
+
+
+def _normalize_keys(table, what: str):
+    table = _required_strings(table, (USER_ID, PAIR_ID), what)
     table = _fill_string(table, CONV_ID, default_from=PAIR_ID)
     table = _fill_string(table, SPLIT, value=TRAIN)
     check_split(table, what)
@@ -328,10 +333,11 @@ class UniqueIds:
 
 
 def normalize_candidates(table: pa.Table, what: str = "candidates", dim: int | None = None) -> pa.Table:
+    """Validate a candidates table (or batch): string ids without nulls, finite embeddings of one size."""
     if isinstance(table, pa.RecordBatch):
         table = pa.Table.from_batches([table])
     require_columns(table, CANDIDATES_REQUIRED, what)
-    table = _fill_string(_fill_string(table, USER_ID), CANDIDATE_ID)
+    table = _required_strings(table, (USER_ID, CANDIDATE_ID), what)
     mat = emb_matrix(table.column(EMB), what, EMB)
     check_values(table, mat, EMB, what)
     if dim is not None and table.num_rows and mat.shape[1] != dim:
