@@ -105,13 +105,13 @@ def run_population(name: str, args, workdir: Path) -> dict:
     t0 = time.time()
     size = {"users": QUICK["users"]} if args.quick else {}
     pop = str(workdir / name / "pop")
-    g = synth.write_zoo_population(pop, name, **size)
-    cmp_args = argparse.Namespace(
-        embeddings=pop, out=str(workdir / name / "compare"), config=None, preset="default", epochs=None, questions=0,
-        ray=False, overrides=[], methods=[k for k, _ in METHODS if k not in ("bound", "oracle")],
-        reference_preset="reddit", reference_epochs=QUICK["reference_epochs"] if args.quick else args.reference_epochs)
-    report = compare.compare(cmp_args)
-    per_user = storage.read_table(storage.join(cmp_args.out, "per_user.parquet"))
+    g = synth.write_zoo_population(pop, name, overwrite=True, **size)
+    out = str(workdir / name / "compare")
+    report = compare.compare(
+        pop, out, preset="default", questions=0, overwrite=True,
+        methods=[k for k, _ in METHODS if k not in ("bound", "oracle")], reference_preset="reddit",
+        reference_epochs=QUICK["reference_epochs"] if args.quick else args.reference_epochs)
+    per_user = storage.read_table(storage.join(out, "per_user.parquet"))
     with single_thread():
         bound = pa.table(in_span_bound(pop, g, report["config"]["seed"]))
     per_user = per_user.join(bound, C.USER_ID).sort_by(C.USER_ID)

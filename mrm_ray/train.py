@@ -125,6 +125,16 @@ def seen_users(run_uri: str) -> pa.Table:
     return users.filter(pc.and_(users.column("seen"), pc.invert(users.column("skipped"))))
 
 
+def tasks_per_epoch(run_uri: str, cfg: TrainConfig, n_users: int) -> int:
+    """Seen users an epoch of meta-training walks through: the users trained on, or in reference_mode the
+    reference's dataset size, which counts seen users without train pairs too (the reference stops on
+    them; here they are skipped and their places in its permutation stay empty)."""
+    if cfg.reference_mode == "none":
+        return n_users
+    users = storage.read_table(storage.join(run_uri, runs.USERS), columns=["seen"])
+    return int(pc.sum(users.column("seen")).as_py())
+
+
 def load_seen(run_uri: str, cfg: TrainConfig, users: pa.Table, dim: int, buckets: list[int] | None = None,
               ) -> splits.UserPairs:
     """The seen users' train pairs in `buckets` (all by default), caps applied: the one loader."""
@@ -234,7 +244,8 @@ def train_local(cfg: TrainConfig, run_uri: str, seen: pa.Table, dim: int, start:
         if storage.exists(latest):
             storage.write_bytes(storage.join(folder, "state.prev.pt"), storage.read_bytes(latest))
         storage.write_bytes(latest, runs.state_to_bytes(st))
-    return head, meta_train(cfg, head, shard, shard.n_users, state=state, on_epoch_end=checkpoint,
+    return head, meta_train(cfg, head, shard, tasks_per_epoch(run_uri, cfg, shard.n_users), state=state,
+                            on_epoch_end=checkpoint,
                             reference_index=reference_index(seen, shard.user_ids))
 
 

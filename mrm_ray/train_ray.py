@@ -101,7 +101,7 @@ def _newest_readable(fs, base: str, before: str | None = None) -> meta.TrainStat
 
 def train_worker(config: dict) -> None:
     """Runs on every Ray Train worker (torch.distributed is initialised by TorchTrainer)."""
-    from mrm_ray.train import load_seen, reference_index, seen_users
+    from mrm_ray.train import load_seen, reference_index, seen_users, tasks_per_epoch
     cfg = config_mod.from_dict(config["cfg"])
     dim, n_users = config["dim"], config["n_users"]
     ctx = ray.train.get_context()
@@ -142,7 +142,8 @@ def train_worker(config: dict) -> None:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
                              checkpoint_dir_name=f"epoch-{st.epoch:06d}")
 
-    meta.meta_train(cfg, head, shard, n_users, state=state, on_epoch_end=on_epoch_end,
+    meta.meta_train(cfg, head, shard, tasks_per_epoch(config["run"], cfg, n_users), state=state,
+                    on_epoch_end=on_epoch_end,
                     reference_index=reference_index(seen, shard.user_ids))
 
 

@@ -195,3 +195,22 @@ def test_same_per_user_test_accuracy(runs_compared):
     assert got.keys() == accuracy.keys()
     for user, acc in accuracy.items():
         assert abs(got[user] - acc) < 1e-6, user  # stored as float32
+
+
+def test_a_seen_user_without_train_pairs_keeps_its_place(tmp_path):
+    """The reference's dataset counts every seen user (and stops on one without train pairs); here that
+    user is skipped, the permutation keeps the reference's size, and training runs."""
+    from mrm_ray.core import reference
+
+    rows = population()
+    seen, _ = reference.user_split(np.array(sorted({r[0] for r in rows}), dtype=object), 42)
+    empty = seen[3]
+    rows = [(u, p, C.TEST if u == empty else s, ch, rj) for u, p, s, ch, rj in rows]
+    storage.write_table(as_table(rows), str(tmp_path / "emb"))
+    run = tmp_path / "run"
+    assert cli.main(["train", "--embeddings", str(tmp_path / "emb"), "--out", str(run), "--local", "--preset",
+                     "reddit", *OVERRIDES]) == 0
+    users = storage.read_table(str(run / runs.USERS)).to_pylist()
+    skipped = [u for u in users if u["skipped"]]
+    assert [u["user_id"] for u in skipped] == [empty] and skipped[0]["seen"]
+    assert sum(u["seen"] for u in users) == len(seen)
