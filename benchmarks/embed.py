@@ -14,6 +14,13 @@ model, same texts, same pooling, one process; both include tokenization.
   GPU, a random Llama-3.1-8B-shaped reward model in bf16 (no weights needed):
     python benchmarks/embed.py --llama8b-shape --pairs 512 --batch-tokens 32768
 
+Tokens per pair, the `mrm embed` stage with and without dedup + shared prompts
+(a random Llama of 6 layers on CPU, tables with realistic sharing), and the
+demo's texts through `mrm embed` against plain sentence-transformers encode:
+    python benchmarks/embed.py --prism-shaped      # opening turns with 4 replies, A/B later turns
+    python benchmarks/embed.py --reddit-shaped     # long posts compared many times, short summaries
+    python benchmarks/embed.py --demo-texts        # `mrm embed` (Ray start-up included) vs SentenceTransformer
+
 MFU in --llama8b-shape mode counts forward FLOPs over real (unpadded) tokens:
     FLOPs = sum_i (2 * N * T_i + 2 * n_layers * T_i^2 * d_model)
 N = non-embedding parameters, T_i = length of text i; the second term is
@@ -24,15 +31,25 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import torch
 
-from mrm_ray.data import contract as C
-from mrm_ray.embed import PairEncoder, default_cpu_model, load_backbone, pair_conversations
-from mrm_ray.synth_text import generate
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))   # the tests' offline tiny-model builder
+
+from mrm_ray.backbone import PairEncoder, default_cpu_model, load_backbone, pair_conversations  # noqa: E402
+from mrm_ray.data import contract as C  # noqa: E402
+from mrm_ray.data import storage  # noqa: E402
+from mrm_ray.synth_text import generate  # noqa: E402
 
 
 def sample_pairs(n: int, seed: int = 0) -> list[dict]:
@@ -152,6 +169,130 @@ def bench_llama8b_shape(args):
     report(tokens / dt, int(lengths[:n_ref].sum()) / t_ref, len(seqs) / dt, n_ref / t_ref)
 
 
+# --- tables with the sharing of real preference datasets ---------------------------------------------
+def _words(rng, lo: int, hi: int) -> str:
+    from tiny_models import _CORPUS
+    vocab = sorted({w for line in _CORPUS for w in line.split()})
+    return " ".join(rng.choice(vocab, int(rng.integers(lo, hi + 1))))
+
+
+def prism_shaped(conversations: int, seed: int = 0) -> list[dict]:
+    """PRISM's layout: an opening turn with four replies (one chosen: three pairs sharing the prompt and the
+    chosen reply), then 0-3 later turns with two replies each, the conversation so far as the prompt."""
+    rng, rows = np.random.default_rng(seed), []
+    for c in range(conversations):
+        history = []
+        for t in range(int(rng.integers(1, 5))):
+            history = history + [{"role": "user", "content": _words(rng, 15, 60)}]
+            replies = [_words(rng, 40, 150) for _ in range(4 if t == 0 else 2)]
+            for k, r in enumerate(replies[1:]):
+                rows.append({C.USER_ID: f"u{c % 97}", C.PAIR_ID: f"c{c}-t{t}-{k}", C.CONV_ID: f"c{c}",
+                             C.PROMPT: history, C.CHOSEN: replies[0], C.REJECTED: r})
+            history = history + [{"role": "assistant", "content": replies[0]}]
+    return rows
+
+
+def reddit_shaped(posts: int, seed: int = 0) -> list[dict]:
+    """Reddit TL;DR's layout: a post of a few hundred tokens with a handful of summaries, compared 5-40
+    times by different workers, each comparison two of its 20-60-token summaries."""
+    rng, rows = np.random.default_rng(seed), []
+    for p in range(posts):
+        prompt = [{"role": "user", "content": "SUBREDDIT: r/advice\nTITLE: " + _words(rng, 5, 12)
+                   + "\nPOST: " + _words(rng, 150, 450)}]
+        summaries = [_words(rng, 15, 45) for _ in range(int(rng.integers(4, 9)))]
+        for k in range(int(rng.integers(5, 41))):
+            a, b = rng.choice(len(summaries), 2, replace=False)
+            rows.append({C.USER_ID: f"w{int(rng.integers(60))}", C.PAIR_ID: f"p{p}-{k}", C.CONV_ID: f"p{p}-{k}",
+                         C.PROMPT: prompt, C.CHOSEN: summaries[a], C.REJECTED: summaries[b]})
+    return rows
+
+
+def bench_shapes(args):
+    """`mrm embed` on a shaped table, once per pair (today's path) and with dedup + shared prompts."""
+    import pyarrow as pa
+    import ray
+    from tiny_models import tiny_reward_model
+
+    from mrm_ray.embed import embed
+
+    work = Path(tempfile.mkdtemp(prefix="mrm-embed-bench-"))
+    model = tiny_reward_model(work / "model", hidden_size=args.hidden, layers=args.layers, max_positions=4096)
+    shape = "prism" if args.prism_shaped else "reddit"
+    rows = prism_shaped(args.conversations) if shape == "prism" else reddit_shaped(args.posts)
+    storage.write_table(pa.Table.from_pylist(rows, schema=pa.schema([
+        (C.USER_ID, pa.string()), (C.PAIR_ID, pa.string()), (C.CONV_ID, pa.string()), (C.PROMPT, C.PROMPT_TYPE),
+        (C.CHOSEN, pa.string()), (C.REJECTED, pa.string())])), str(work / "pairs"))
+    prompts = {json_key(r[C.PROMPT]) for r in rows}
+    print(f"{shape}-shaped: {len(rows)} pairs, {len(prompts)} distinct prompts; a random Llama "
+          f"(hidden {args.hidden}, {args.layers} layers) on CPU, dtype {args.dtype}")
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    res = {}
+    for name, dedup in (("per pair (--no-dedup)", False), ("dedup + shared prompts", True)):
+        t0 = time.perf_counter()
+        res[name] = embed(str(work / "pairs"), str(work / f"emb-{dedup}"), model=model, dtype=args.dtype,
+                          dedup=dedup)
+        res[name]["wall"] = time.perf_counter() - t0
+    a, b = (storage.read_table(str(work / f"emb-{d}")).sort_by(C.PAIR_ID) for d in (False, True))
+    diff = max(float(np.abs(C.emb_matrix(a.column(c)) - C.emb_matrix(b.column(c))).max())
+               for c in (C.CHOSEN_EMB, C.REJECTED_EMB))
+    n = len(rows)
+    # Today's path ran a whole pair's texts each: the per-pair count is what it computes.
+    today = res["per pair (--no-dedup)"]["per_pair_tokens"]
+    for name, r in res.items():
+        tokens = today if name.startswith("per pair") else r["tokens"]
+        print(f"  {name:24s} {tokens / n:8.1f} backbone tokens/pair  {r['wall']:7.1f} s wall")
+    new = res["dedup + shared prompts"]
+    print(f"  tokens: {today / new['tokens']:.2f}x fewer; wall: {res['per pair (--no-dedup)']['wall'] / new['wall']:.2f}x "
+          f"faster; distinct texts {new['distinct_texts']} of {2 * n}; max |difference| {diff:.1e}")
+    ray.shutdown()
+
+
+def json_key(prompt) -> str:
+    import json
+    return json.dumps(prompt, sort_keys=True)
+
+
+def bench_demo_texts(args):
+    """The demo's text population through `mrm embed` (a subprocess: Ray start-up included) vs a plain
+    SentenceTransformer.encode of the same texts (model load included), MiniLM on CPU."""
+    from sentence_transformers import SentenceTransformer
+
+    from mrm_ray.synth_text import write_text_population
+
+    work = Path(tempfile.mkdtemp(prefix="mrm-embed-demo-"))
+    write_text_population(str(work / "pairs"), users=args.demo_users, pairs_per_user=16, seed=0)
+    table = storage.read_table(str(work / "pairs"))
+    pairs = table.to_pylist()
+    texts = ["\n\n".join([m["content"] for m in p[C.PROMPT]] + [p[key]]) for key in (C.CHOSEN, C.REJECTED)
+             for p in pairs]
+    print(f"demo texts: {len(pairs)} pairs, {len(texts)} texts, all-MiniLM-L6-v2 on {os.cpu_count()} CPU cores")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    times = {}
+    for dtype in ("auto", "float32"):
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "mrm_ray.cli", "embed", "--pairs", str(work / "pairs"),
+                        "--out", str(work / f"emb-{dtype}"), "--dtype", dtype], check=True, env=env,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        times[dtype] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    st = SentenceTransformer(default_cpu_model(), device="cpu")
+    ref = st.encode(texts, batch_size=64)
+    t_st = time.perf_counter() - t0
+    emb = {d: storage.read_table(str(work / f"emb-{d}")).sort_by(C.PAIR_ID) for d in times}
+    order = {p[C.PAIR_ID]: i for i, p in enumerate(pairs)}
+    idx = np.array([order[i] for i in emb["float32"].column(C.PAIR_ID).to_pylist()])
+    want = ref[idx]
+    cos = {}
+    for d, t in emb.items():
+        got = C.emb_matrix(t.column(C.CHOSEN_EMB))
+        cos[d] = float(np.min(np.sum(got * want, 1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)))
+    print(f"  mrm embed (default: bf16 on this CPU)  {times['auto']:7.1f} s   min cosine to ST: {cos['auto']:.4f}")
+    print(f"  mrm embed --dtype float32             {times['float32']:7.1f} s   min cosine to ST: {cos['float32']:.6f}")
+    print(f"  SentenceTransformer.encode(batch 64)  {t_st:7.1f} s   (float32, model load included)")
+    print(f"  mrm embed vs sentence-transformers: {t_st / times['auto']:.2f}x (default), "
+          f"{t_st / times['float32']:.2f}x (float32)")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -164,17 +305,33 @@ def main():
                    help="texts timed in the one-at-a-time loop (evenly spaced; 0 = all)")
     p.add_argument("--repeats", type=int, default=3, help="report the best of this many timed runs of each side")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
-                   help="both sides' compute dtype; auto = bfloat16 on GPU, float32 on CPU (bfloat16 pays off "
-                        "on CPUs with AMX/AVX512-BF16)")
+                   help="compute dtype; auto = bfloat16 on GPU and on CPUs with AMX/AVX512-BF16, else float32")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--llama8b-shape", action="store_true", help="GPU only: random Llama-3.1-8B-shaped bf16 model")
-    p.add_argument("--layers", type=int, default=32, help="--llama8b-shape: decoder layers (32 = the real shape)")
+    p.add_argument("--layers", type=int, default=32, help="--llama8b-shape: decoder layers (32 = the real shape); "
+                                                          "shaped modes: 6 unless given")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="accelerator's dense bf16 peak for MFU")
+    p.add_argument("--prism-shaped", action="store_true", help="tokens/pair and wall time of `mrm embed` on a "
+                                                                 "PRISM-shaped table, with and without dedup")
+    p.add_argument("--reddit-shaped", action="store_true", help="the same on a Reddit-TL;DR-shaped table")
+    p.add_argument("--conversations", type=int, default=400, help="--prism-shaped: conversations")
+    p.add_argument("--posts", type=int, default=60, help="--reddit-shaped: posts")
+    p.add_argument("--hidden", type=int, default=256, help="shaped modes: the random Llama's hidden size")
+    p.add_argument("--demo-texts", action="store_true", help="`mrm embed` vs SentenceTransformer.encode on the "
+                                                               "demo's texts")
+    p.add_argument("--demo-users", type=int, default=200, help="--demo-texts: users (16 pairs each)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    bench_llama8b_shape(args) if args.llama8b_shape else bench_model(args)
+    if args.prism_shaped or args.reddit_shaped:
+        if args.layers == 32:
+            args.layers = 6
+        bench_shapes(args)
+    elif args.demo_texts:
+        bench_demo_texts(args)
+    else:
+        bench_llama8b_shape(args) if args.llama8b_shape else bench_model(args)
 
 
 if __name__ == "__main__":

@@ -85,7 +85,11 @@ def _embed_args(p) -> None:
                    help="last = hidden state of the last real token (decoder reward models); cls/mean for encoders; "
                         "auto picks from the model")
     p.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto",
-                   help="compute dtype; auto = bfloat16 on GPU, float32 on CPU")
+                   help="compute dtype; auto = bfloat16 on GPU and on CPUs with native bf16 (AVX512-BF16/AMX), "
+                        "else float32")
+    p.add_argument("--no-dedup", dest="dedup", action="store_false",
+                   help="embed every pair's two texts as they come (default: group pairs by prompt, run each "
+                        "distinct text once and a shared prompt once; output rows then come grouped by prompt)")
     p.add_argument("--emb-dtype", choices=("float32", "float16"), default="float32",
                    help="stored embedding dtype (float16 halves the table)")
     p.add_argument("--batch-tokens", type=int, default=0,
@@ -108,7 +112,7 @@ def _embed_args(p) -> None:
 def _embed(o) -> None:
     from mrm_ray.embed import embed
     embed(o.pairs, o.out, o.model, o.pooling, o.dtype, o.emb_dtype, o.batch_tokens, o.batch_rows, o.max_length,
-          o.actors, o.num_gpus, o.num_cpus, o.threads, o.address, o.overwrite)
+          o.actors, o.num_gpus, o.num_cpus, o.threads, o.address, o.overwrite, o.dedup)
 
 
 def _train_args(p) -> None:

@@ -9,12 +9,23 @@ Commands:
     mrm embed --pairs s3://b/pairs --out s3://b/emb --model Skywork/Skywork-Reward-V2-Llama-3.1-8B
   a running cluster:  mrm embed ... --address auto --actors 16
 
-Throughput: a Ray batch of `batch_rows` pairs is split into sub-batches of at
-most `batch_tokens` padded tokens after sorting its texts by length, so a
-sub-batch carries little padding and its size adapts to the text lengths.
+Fewer tokens: pairs are hash-partitioned by their conversation (a hash of the
+prompt's opening, up to the first user message; Ray Data's repartition by
+key, sorted), so all pairs of one conversation reach one replica together:
+every distinct (prompt, response) text of the table runs once, and for a
+decoder every token prefix its texts share (the prompt, an earlier turn that
+later turns continue) runs once, its key/value cache reused by what follows
+(mrm_ray.backbone.PairEncoder.encode_distinct).  The stage reports tokens
+computed against what a pass over every pair would compute.  --no-dedup
+streams pairs straight through instead (sharing only within a batch).
+
+Throughput: the texts of a Ray batch are split into sub-batches of at most
+`batch_tokens` padded tokens after sorting them by length, so a sub-batch
+carries little padding and its size adapts to the text lengths.
 The output is written under a staging folder and committed at the end
 (storage.atomic_output): a failed run never leaves a table that looks complete.
-Reruns are deterministic: rows keep the input order and part files have fixed
+Reruns are deterministic: rows come in a fixed order (the input order with
+--no-dedup; by conversation hash, then pair id, otherwise) and part files have fixed
 names.  The table's schema metadata records how it was made (mrm.backbone,
 mrm.backbone_id, mrm.pooling, mrm.max_length, mrm.dtype, mrm.dim): `mrm train`
 copies it into the run, and train, score and export-hf check it.
@@ -32,31 +43,37 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from mrm_ray import raytools
-from mrm_ray.backbone import (DEFAULT_GPU_MODEL, PairEncoder, backbone_id, default_cpu_model, default_pooling,
-                              effective_max_length, hidden_size, load_backbone, load_config, load_tokenizer,
-                              pair_conversations)
+from mrm_ray.backbone import (DEFAULT_GPU_MODEL, PairEncoder, backbone_id, compute_dtype, default_cpu_model,
+                              default_pooling, effective_max_length, hidden_size, load_backbone, load_config,
+                              load_tokenizer, conversation_key, conversations)
 from mrm_ray.data import contract as C
 from mrm_ray.data import runs, storage
 from mrm_ray.errors import UserError, unwrap
 
 log = logging.getLogger(__name__)
 
-_PROMPT_JSON = "_prompt_json"  # internal column between the validate and embed stages
+_PROMPT_JSON = "_prompt_json"  # internal columns between the validate and embed stages
+_CONV_KEY = "_conversation_key"
+PAIRS_PER_PARTITION = 2048     # with dedup: pairs per hash partition (one replica call), on average
+MAX_GROUP_ROWS = 4096          # a conversation with more pairs than this is embedded in pieces of this many
 
 
 # --- Ray Data stages -----------------------------------------------------------
 def _validate_batch(batch: pa.Table) -> pa.Table:
     """Contract check of one batch; prompts travel to the actor as JSON strings (numpy-friendly)."""
     table = C.normalize_pairs(batch)
-    prompts = [json.dumps(p, ensure_ascii=False) for p in table.column(C.PROMPT).to_pylist()]
-    return table.drop_columns([C.PROMPT]).append_column(_PROMPT_JSON, pa.array(prompts, pa.string()))
+    prompts = table.column(C.PROMPT).to_pylist()
+    return (table.drop_columns([C.PROMPT])
+            .append_column(_PROMPT_JSON, pa.array([json.dumps(p, ensure_ascii=False) for p in prompts], pa.string()))
+            .append_column(_CONV_KEY, pa.array([conversation_key(p) for p in prompts], pa.string())))
 
 
 class EmbedActor:
     """One model replica: loads it once, then maps a batch of pairs to their embeddings."""
 
     def __init__(self, model: str, pooling: str, dtype: str, max_length: int | None, batch_tokens: int | None,
-                 device: str, threads: int = 0, replicas: int = 1, progress=None):
+                 device: str, threads: int = 0, replicas: int = 1, progress=None, unit_rows: int = 256,
+                 grouped: bool = False):
         import torch
 
         if device == "cpu":
@@ -65,19 +82,55 @@ class EmbedActor:
             torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // replicas))
         m, tok = load_backbone(model, device=device, dtype=dtype)
         self.encoder = PairEncoder(m, tok, pooling=pooling, max_length=max_length, batch_tokens=batch_tokens)
-        self.progress = progress
+        self.progress, self.unit_rows, self.grouped = progress, unit_rows, grouped
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        prompts = [json.loads(p) for p in batch[_PROMPT_JSON]]
-        n = len(prompts)
-        ids, truncated = self.encoder.tokenize(pair_conversations(prompts, batch[C.CHOSEN], batch[C.REJECTED]))
-        emb, scores = self.encoder.encode_ids(ids)
+    def __call__(self, batch: dict[str, np.ndarray]):
+        """The batch's embeddings.  A grouped batch (a whole hash partition) is sorted by conversation,
+        then pair id (a fixed order whatever order the shuffle delivered), and embedded in units of
+        whole conversations of at most `unit_rows` pairs; a bigger one alone, in pieces of MAX_GROUP_ROWS."""
+        if not self.grouped:
+            yield self._embed(batch)
+            return
+        batch = {k: v[np.lexsort((batch[C.PAIR_ID], batch[_CONV_KEY]))] for k, v in batch.items()}
+        keys = batch[_CONV_KEY]
+        ends = np.r_[np.flatnonzero(keys[1:] != keys[:-1]) + 1, len(keys)] if len(keys) else []
+        lo = 0
+        for g, hi in enumerate(ends):
+            if g + 1 < len(ends) and ends[g + 1] - lo <= self.unit_rows:
+                continue   # the next group fits in this unit too
+            step = MAX_GROUP_ROWS if hi - lo > self.unit_rows else hi - lo   # > unit_rows: one big group
+            for a in range(lo, hi, step):
+                yield self._embed({k: v[a:min(hi, a + step)] for k, v in batch.items()})
+            lo = hi
+
+    def _embed(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        n, keys, prompts = len(batch[C.PAIR_ID]), batch[_CONV_KEY], batch[_PROMPT_JSON]
+        # Distinct (prompt, response) texts first (tokenizing is not free either); texts[i] is pair i % n's
+        # chosen (i < n) or rejected response.
+        texts = list(zip(prompts, batch[C.CHOSEN])) + list(zip(prompts, batch[C.REJECTED]))
+        index, first, inverse = {}, [], np.empty(2 * n, dtype=np.int64)
+        for i, t in enumerate(texts):
+            j = index.get(t)
+            if j is None:
+                j = index[t] = len(first)
+                first.append(i)
+            inverse[i] = j
+        ids, truncated = self.encoder.tokenize(conversations([json.loads(texts[i][0]) for i in first],
+                                                             [texts[i][1] for i in first]))
+        emb, scores = self.encoder.encode_distinct(ids, [keys[i % n] for i in first])
+        _, computed, unshared = self.encoder.stats.take()
+        per_pair = int(sum(len(ids[j]) for j in inverse))   # what a pass over every pair's two texts computes
+        inv = torch.as_tensor(inverse)
+        emb = emb[inv].numpy()
         out = {c: batch[c] for c in C.KEY_COLUMNS}
-        out[C.CHOSEN_EMB], out[C.REJECTED_EMB] = emb[:n].numpy(), emb[n:].numpy()
+        out[C.CHOSEN_EMB], out[C.REJECTED_EMB] = emb[:n], emb[n:]
         if scores is not None:
-            out[C.CHOSEN_SCORE], out[C.REJECTED_SCORE] = scores[:n].numpy(), scores[n:].numpy()
+            scores = scores[inv].numpy()
+            out[C.CHOSEN_SCORE], out[C.REJECTED_SCORE] = scores[:n], scores[n:]
         if self.progress is not None:  # fire and forget: the driver polls the totals
-            self.progress.add.remote(n, sum(len(s) for s in ids), truncated)
+            self.progress.add.remote(n, per_pair, computed, truncated, len(first), unshared)
         return out
 
 
@@ -97,16 +150,17 @@ def _to_contract_table(batch: dict[str, np.ndarray], emb_dtype: str, metadata: d
 class _Progress:
     """Totals reported by the actors (a tiny Ray actor with no CPU reservation)."""
 
+    FIELDS = ("rows", "per_pair_tokens", "tokens", "truncated", "distinct_texts", "unshared_groups")
+
     def __init__(self):
-        self.rows = self.tokens = self.truncated = 0
+        self.totals = dict.fromkeys(self.FIELDS, 0)
 
-    def add(self, rows, tokens, truncated):
-        self.rows += rows
-        self.tokens += tokens
-        self.truncated += truncated
+    def add(self, *values):
+        for k, v in zip(self.FIELDS, values):
+            self.totals[k] += v
 
-    def get(self):
-        return self.rows, self.tokens, self.truncated
+    def get(self) -> dict:
+        return dict(self.totals)
 
 
 def _log_progress(progress, total_rows: int, stop: threading.Event, every: float = 10.0):
@@ -114,25 +168,32 @@ def _log_progress(progress, total_rows: int, stop: threading.Event, every: float
 
     t0 = time.time()
     while not stop.wait(every):
-        rows, tokens, _ = ray.get(progress.get.remote())
+        t = ray.get(progress.get.remote())
         dt = max(time.time() - t0, 1e-9)
-        log.info("embedded %d/%d pairs: %.1f pairs/s, %.0f tokens/s", rows, total_rows, rows / dt, tokens / dt)
+        log.info("embedded %d/%d pairs: %.1f pairs/s, %.0f tokens/s computed (%s)", t["rows"], total_rows,
+                 t["rows"] / dt, t["tokens"] / dt, _saving(t))
 
 
-
+def _saving(t: dict) -> str:
+    return (f"{t['tokens']:,} tokens computed of {t['per_pair_tokens']:,} a pass over every pair would compute, "
+            f"{t['per_pair_tokens'] / max(t['tokens'], 1):.2f}x fewer")
 
 
 # --- the stage ----------------------------------------------------------------------
 def embed(pairs: str, out: str, model: str = "auto", pooling: str = "auto", dtype: str = "auto",
           emb_dtype: str = "float32", batch_tokens: int = 0, batch_rows: int = 256, max_length: int = 4096,
           actors: int = 0, num_gpus: float | None = None, num_cpus: float = 0.5, threads: int = 0,
-          address: str | None = None, overwrite: bool = False) -> dict:
+          address: str | None = None, overwrite: bool = False, dedup: bool = True) -> dict:
     """Embed the pairs table `pairs` into the embeddings table `out`; returns a summary.
 
     model auto: DEFAULT_GPU_MODEL when the cluster has GPUs, else the packaged
     all-MiniLM-L6-v2.  batch_tokens 0: 16384 on GPU, 4096 on CPU.  actors 0:
     one replica per GPU, or 1 on a CPU-only cluster.  num_gpus None: 1 per
     replica when the cluster has GPUs.  threads 0: the node's cores / actors.
+    dtype auto: bfloat16 on GPUs and on CPUs with native bf16, else float32.
+    dedup: group pairs by conversation (a hash shuffle) and run each distinct
+    text and each shared token prefix once; False streams the pairs through in
+    input order.
     """
     import ray
 
@@ -166,29 +227,35 @@ def embed(pairs: str, out: str, model: str = "auto", pooling: str = "auto", dtyp
     config = load_config(model)
     pooling = default_pooling(config, model) if pooling == "auto" else pooling
     is_rm = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
-    compute = dtype if dtype != "auto" else "bfloat16" if num_gpus else "float32"
+    # Resolved once, here, so every replica computes (and the table records) the same dtype.
+    compute = compute_dtype(dtype, "cuda" if num_gpus else "cpu")
     metadata = runs.provenance_metadata({
         "backbone": model, "backbone_id": backbone_id(config), "pooling": pooling,
         "max_length": effective_max_length(config, tokenizer, max_length), "dtype": compute,
         "dim": hidden_size(config)})
-    log.info("embedding %d pairs with %s (pooling=%s, reward scores=%s, chat template=%s) on up to %d %s "
-             "replica(s)", total_rows, model, pooling, is_rm and pooling == "last", bool(tokenizer.chat_template),
-             actors, "GPU" if num_gpus else "CPU")
+    log.info("embedding %d pairs with %s (pooling=%s, %s, reward scores=%s, chat template=%s, dedup=%s) on up to "
+             "%d %s replica(s)", total_rows, model, pooling, compute, is_rm and pooling == "last",
+             bool(tokenizer.chat_template), dedup, actors, "GPU" if num_gpus else "CPU")
 
     progress = ray.remote(num_cpus=0)(_Progress).remote()
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # same input -> same output rows in the same order
     ds = (ray.data.read_parquet(files, filesystem=in_fs)
-          .map_batches(_validate_batch, batch_format="pyarrow", batch_size=batch_rows)
-          .map_batches(EmbedActor, batch_format="numpy", batch_size=batch_rows,
-                       compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
-                       num_gpus=num_gpus, num_cpus=num_cpus,
-                       fn_constructor_kwargs=dict(
-                           model=model, pooling=pooling, dtype=dtype, max_length=max_length,
-                           batch_tokens=batch_tokens or None, device="cuda" if num_gpus else "cpu",
-                           threads=threads, replicas=actors, progress=progress))
-          .map_batches(_to_contract_table, batch_format="numpy",
-                       fn_kwargs={"emb_dtype": emb_dtype, "metadata": metadata}))
+          .map_batches(_validate_batch, batch_format="pyarrow", batch_size=batch_rows))
+    if dedup:
+        # Every pair of one conversation in one partition (sorted, so the partition is one block and a
+        # replica sees it whole: Ray's own map_groups relies on the same): whole-table dedup, not per batch.
+        ds = ds.repartition(max(1, -(-total_rows // PAIRS_PER_PARTITION)), keys=[_CONV_KEY], sort=True)
+    ds = (ds.map_batches(EmbedActor, batch_format="numpy", batch_size=None if dedup else batch_rows,
+                         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
+                         num_gpus=num_gpus, num_cpus=num_cpus,
+                         fn_constructor_kwargs=dict(
+                             model=model, pooling=pooling, dtype=compute, max_length=max_length,
+                             batch_tokens=batch_tokens or None, device="cuda" if num_gpus else "cpu",
+                             threads=threads, replicas=actors, progress=progress, unit_rows=batch_rows,
+                             grouped=dedup))
+            .map_batches(_to_contract_table, batch_format="numpy",
+                         fn_kwargs={"emb_dtype": emb_dtype, "metadata": metadata}))
 
     stop = threading.Event()
     ticker = threading.Thread(target=_log_progress, args=(progress, total_rows, stop), daemon=True)
@@ -206,12 +273,16 @@ def embed(pairs: str, out: str, model: str = "auto", pooling: str = "auto", dtyp
             _copy_truth(pairs, staging)
     finally:
         stop.set()
-    rows, tokens, truncated = ray.get(progress.get.remote())
+    t = ray.get(progress.get.remote())
     dt = time.time() - t0
-    log.info("wrote %d pairs to %s in %.1fs (%.1f pairs/s, %.0f tokens/s); %d of %d texts truncated to %d tokens",
-             rows, out, dt, rows / dt, tokens / dt, truncated, 2 * rows, max_length)
-    return {"pairs": rows, "seconds": round(dt, 1), "pairs_per_s": rows / dt, "tokens_per_s": tokens / dt,
-            "truncated": truncated, "model": model, "pooling": pooling, "out": out}
+    log.info("wrote %d pairs to %s in %.1fs (%.1f pairs/s, %.0f tokens/s computed); %s; %d distinct texts of %d, "
+             "%d truncated to %d tokens; %d conversations whose texts shared no prefix", t["rows"], out, dt,
+             t["rows"] / dt, t["tokens"] / dt, _saving(t), t["distinct_texts"], 2 * t["rows"], t["truncated"],
+             max_length, t["unshared_groups"])
+    return {"pairs": t["rows"], "seconds": round(dt, 1), "pairs_per_s": t["rows"] / dt,
+            "tokens_per_s": t["tokens"] / dt, "tokens": t["tokens"], "per_pair_tokens": t["per_pair_tokens"],
+            "distinct_texts": t["distinct_texts"], "unshared_groups": t["unshared_groups"],
+            "truncated": t["truncated"], "model": model, "pooling": pooling, "dtype": compute, "out": out}
 
 
 def _copy_truth(pairs_uri: str, staging: str) -> None:

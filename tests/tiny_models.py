@@ -29,7 +29,7 @@ _CORPUS = [
 SPECIAL = ["<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
 
 
-def build_tokenizer(padding_side: str = "right"):
+def build_tokenizer(padding_side: str = "right", chat_template: bool = True, max_length: int = 512):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -41,21 +41,22 @@ def build_tokenizer(padding_side: str = "right"):
     tok.train_from_iterator(_CORPUS, trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-        padding_side=padding_side, chat_template=CHAT_TEMPLATE, model_max_length=512)
+        padding_side=padding_side, chat_template=CHAT_TEMPLATE if chat_template else None,
+        model_max_length=max_length)
 
 
 def tiny_reward_model(out_dir, hidden_size: int = 48, layers: int = 2, padding_side: str = "right",
-                      seed: int = 0) -> str:
+                      seed: int = 0, chat_template: bool = True, max_positions: int = 512) -> str:
     """Save a tiny random Llama reward model + tokenizer under `out_dir`; return the path."""
     import torch
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(padding_side)
+    tokenizer = build_tokenizer(padding_side, chat_template, max_positions)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
         num_labels=1, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)
     torch.manual_seed(seed)

@@ -129,7 +129,7 @@ def backbones(tmp_path_factory):
     from mrm_ray.backbone import load_backbone
     root = tmp_path_factory.mktemp("backbones")
     rm_dir = tiny_reward_model(root / "rm", hidden_size=48)
-    model, tok = load_backbone(rm_dir, device="cpu")
+    model, tok = load_backbone(rm_dir, device="cpu", dtype="float32")
     model.model.save_pretrained(root / "base")
     tok.save_pretrained(root / "base")
     return {"reward-model": rm_dir, "base-model": str(root / "base")}
@@ -157,7 +157,7 @@ def exported_logits(folder: str, convs) -> torch.Tensor:
 @pytest.mark.parametrize("kind", ["reward-model", "base-model"])
 def test_exported_logit_equals_mrm_reward(tmp_path, backbones, kind, capsys):
     backbone = backbones[kind]
-    model, tok = api.load_backbone(backbone, device="cpu")
+    model, tok = api.load_backbone(backbone, device="cpu", dtype="float32")  # the export loads float32
     ch, rj = api.encode_pairs(model, tok, PAIRS)
     n = len(PAIRS)
     support = pa.table({C.USER_ID: ["alice"] * n + ["bob"] * n, C.PAIR_ID: [f"p{i}" for i in range(2 * n)],

@@ -13,6 +13,7 @@ import torch
 from tiny_models import tiny_reward_model
 
 from mrm_ray import backbone, cli
+from mrm_ray.embed import embed
 from mrm_ray.data import contract as C
 from mrm_ray.data import runs, storage
 
@@ -34,6 +35,25 @@ def make_pairs(n: int = 14) -> list[dict]:
     return pairs
 
 
+def shared_pairs() -> list[dict]:
+    """PRISM-like sharing: an opening turn with three replies besides the chosen one (three pairs, one
+    prompt, one chosen reply), multi-turn prompts, and one pair's texts again for another user."""
+    base, out = make_pairs(), []
+    for i, p in enumerate(base):
+        out.append(p)
+        if i % 2 == 0:
+            out += [dict(p, **{C.PAIR_ID: f"{p[C.PAIR_ID]}r{k}", C.REJECTED: f"another reply number {k} " * (k + 1)})
+                    for k in range(2)]
+    return out + [dict(base[3], **{C.PAIR_ID: "again", C.USER_ID: "u9"})]
+
+
+def expected_tokens(ids, keys) -> int:
+    """Tokens when every distinct token prefix within a group runs once (each distinct sequence once,
+    a shared prompt or earlier turn once), computed independently of the encoder."""
+    prefixes = {(k, tuple(q[:i])) for q, k in zip(ids, keys) for i in range(1, len(q) + 1)}
+    return len(prefixes)
+
+
 def pairs_table(pairs) -> pa.Table:
     return pa.Table.from_pylist(pairs, schema=pa.schema([
         (C.USER_ID, pa.string()), (C.PAIR_ID, pa.string()), (C.CONV_ID, pa.string()), (C.SPLIT, pa.string()),
@@ -50,8 +70,11 @@ def reference_loop(model_dir: str, pairs: list[dict]):
     out = {k: [] for k in ("chosen_emb", "rejected_emb", "chosen_score", "rejected_score")}
     for ex in pairs:
         for key in ("chosen", "rejected"):
-            ids = tok.apply_chat_template(ex[C.PROMPT] + [{"role": "assistant", "content": ex[key]}],
-                                          tokenize=True, return_dict=True, return_tensors="pt")["input_ids"]
+            conv = ex[C.PROMPT] + [{"role": "assistant", "content": ex[key]}]
+            if tok.chat_template:
+                ids = tok.apply_chat_template(conv, tokenize=True, return_dict=True, return_tensors="pt")["input_ids"]
+            else:   # no template: the contents joined by blank lines
+                ids = tok("\n\n".join(m["content"] for m in conv), return_tensors="pt")["input_ids"]
             res = model(ids, output_hidden_states=True)
             out[f"{key}_emb"].append(res.hidden_states[-1][0, -1])
             out[f"{key}_score"].append(res.logits[0, 0])
@@ -82,14 +105,14 @@ def check_against_reference(table: pa.Table, reference, pairs):
         scores = torch.tensor(table.column(col).to_pylist())[order]
         torch.testing.assert_close(scores, reference[col].float(), atol=ATOL, rtol=1e-4)
     keys = table.select([C.PAIR_ID, C.USER_ID, C.CONV_ID, C.SPLIT]).to_pylist()
-    assert sorted(keys, key=lambda r: r[C.PAIR_ID]) == [
-        {k: p[k] for k in (C.PAIR_ID, C.USER_ID, C.CONV_ID, C.SPLIT)} for p in pairs]
+    assert sorted(keys, key=lambda r: r[C.PAIR_ID]) == sorted(
+        ({k: p[k] for k in (C.PAIR_ID, C.USER_ID, C.CONV_ID, C.SPLIT)} for p in pairs), key=lambda r: r[C.PAIR_ID])
 
 
 # --- in-process API (no Ray) ------------------------------------------------------------
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_encode_pairs_matches_reference_loop(models, reference, side):
-    model, tok = backbone.load_backbone(models[side], device="cpu")
+    model, tok = backbone.load_backbone(models[side], device="cpu", dtype="float32")
     assert tok.padding_side == side
     # A small token budget forces several length-bucketed sub-batches, each padded.
     ch, rj, cs, rs = backbone.encode_pairs(model, tok, make_pairs(), batch_tokens=300, return_scores=True)
@@ -99,6 +122,61 @@ def test_encode_pairs_matches_reference_loop(models, reference, side):
     torch.testing.assert_close(rs, reference["rejected_score"], atol=ATOL, rtol=1e-4)
     # The score head applied to the embedding reproduces the model's logit (the reference's own check).
     torch.testing.assert_close(model.score(ch).squeeze(-1), cs, atol=ATOL, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def plain_model(tmp_path_factory):
+    """The tiny reward model with a tokenizer that has no chat template."""
+    return tiny_reward_model(tmp_path_factory.mktemp("plain") / "m", chat_template=False)
+
+
+@pytest.mark.parametrize("side,template", [("left", True), ("right", True), ("right", False)])
+def test_shared_prompts_and_repeated_texts_run_once(models, plain_model, side, template):
+    """Each distinct text once, each prompt's shared prefix once (its key/value cache reused by every
+    response): the same embeddings and scores as one text at a time, and exactly the tokens expected."""
+    path = models[side] if template else plain_model
+    pairs = shared_pairs()
+    reference = reference_loop(path, pairs)
+    model, tok = backbone.load_backbone(path, device="cpu", dtype="float32")
+    enc = backbone.PairEncoder(model, tok, batch_tokens=300)   # several prefix and response batches
+    assert enc.share_prefix
+    ids, _ = enc.tokenize(backbone.pair_conversations([p[C.PROMPT] for p in pairs], [p[C.CHOSEN] for p in pairs],
+                                                      [p[C.REJECTED] for p in pairs]))
+    keys = [backbone.conversation_key(p[C.PROMPT]) for p in pairs] * 2
+    emb, scores = enc.encode_distinct(ids, keys)
+    n = len(pairs)
+    for got, want in ((emb[:n], reference["chosen_emb"]), (emb[n:], reference["rejected_emb"]),
+                      (scores[:n], reference["chosen_score"]), (scores[n:], reference["rejected_score"])):
+        torch.testing.assert_close(got, want.float(), atol=ATOL, rtol=1e-4)
+    per_pair, computed, unshared = enc.stats.take()
+    assert per_pair == sum(map(len, ids)) and unshared == 0
+    assert computed == expected_tokens(ids, keys) and computed < per_pair / 2
+
+
+def test_no_sharing_is_exactly_the_full_pass(models):
+    """Encoders and mean pooling never share a prefix (every token sees the whole text); with every
+    text distinct, the dedup path is the plain batched pass, bit for bit."""
+    model, tok = backbone.load_backbone(models["right"], device="cpu", dtype="float32")
+    enc = backbone.PairEncoder(model, tok, pooling="mean", batch_tokens=300)
+    assert not enc.share_prefix
+    pairs = make_pairs()
+    ids, _ = enc.tokenize(backbone.pair_conversations([p[C.PROMPT] for p in pairs], [p[C.CHOSEN] for p in pairs],
+                                                      [p[C.REJECTED] for p in pairs]))
+    keys = [backbone.conversation_key(p[C.PROMPT]) for p in pairs] * 2
+    assert torch.equal(enc.encode_distinct(ids, keys)[0], enc.encode_ids(ids)[0])
+    minilm, mtok = backbone.load_backbone(backbone.default_cpu_model(), device="cpu", dtype="float32")
+    assert not backbone.PairEncoder(minilm, mtok).share_prefix
+
+
+def test_bfloat16_agrees_with_float32():
+    """The CPU default where bf16 is native: the demo MiniLM's embeddings in bf16 point the same way."""
+    pairs = make_pairs(8)
+    got = {}
+    for dtype in ("float32", "bfloat16"):
+        model, tok = backbone.load_backbone(backbone.default_cpu_model(), device="cpu", dtype=dtype)
+        got[dtype] = torch.cat(backbone.encode_pairs(model, tok, pairs))
+    cos = torch.nn.functional.cosine_similarity(got["float32"], got["bfloat16"], dim=1)
+    assert cos.min() > 0.99, cos.min()
 
 
 def test_truncation_keeps_the_end_and_is_counted(models):
@@ -115,7 +193,7 @@ def test_truncation_keeps_the_end_and_is_counted(models):
 def test_default_cpu_model_mean_pooling():
     """The demo MiniLM (no chat template): plain concatenation, mean over real tokens, 384-d."""
     path = backbone.default_cpu_model()
-    model, tok = backbone.load_backbone(path, device="cpu")
+    model, tok = backbone.load_backbone(path, device="cpu", dtype="float32")
     pairs = make_pairs(3)
     ch, rj = backbone.encode_pairs(model, tok, pairs)
     assert ch.shape == (3, 384) and backbone.PairEncoder(model, tok).pooling == "mean"
@@ -128,7 +206,7 @@ def test_default_cpu_model_mean_pooling():
 # --- the Ray Data pipeline ---------------------------------------------------------------------
 def embed_cli(pairs_uri, out_uri, model, *extra):
     return cli.main(["embed", "--pairs", pairs_uri, "--out", out_uri, "--model", model,
-                     "--batch-rows", "4", "--batch-tokens", "300", *extra])
+                     "--batch-rows", "4", "--batch-tokens", "300", "--dtype", "float32", *extra])
 
 
 def test_pipeline_matches_reference_left_padding_and_reruns_identically(ray_local, tmp_path, models, reference):
@@ -156,6 +234,41 @@ def test_pipeline_matches_reference_left_padding_and_reruns_identically(ray_loca
         first.drop_columns([C.CHOSEN_EMB, C.REJECTED_EMB, C.CHOSEN_SCORE, C.REJECTED_SCORE]))
     for col in (C.CHOSEN_EMB, C.REJECTED_EMB):
         np.testing.assert_allclose(C.emb_matrix(again.column(col)), C.emb_matrix(first.column(col)), atol=1e-6)
+
+
+def test_pipeline_runs_each_text_and_prompt_once(ray_local, tmp_path, models):
+    """Whole-table dedup through Ray Data (pairs of one prompt hash-partitioned together): the reference's
+    numbers, the tokens of the in-process encoder, and --no-dedup gives the same table in input order."""
+    pairs = shared_pairs()
+    storage.write_table(pairs_table(pairs), str(tmp_path / "pairs"))
+    reference = reference_loop(models["left"], pairs)
+    kw = dict(model=models["left"], dtype="float32", batch_rows=4, batch_tokens=300)
+    summary = embed(str(tmp_path / "pairs"), str(tmp_path / "emb"), **kw)
+    check_against_reference(storage.read_table(str(tmp_path / "emb")), reference, pairs)
+    enc = backbone.PairEncoder(*backbone.load_backbone(models["left"], device="cpu", dtype="float32"))
+    ids, _ = enc.tokenize(backbone.pair_conversations([p[C.PROMPT] for p in pairs], [p[C.CHOSEN] for p in pairs],
+                                                      [p[C.REJECTED] for p in pairs]))
+    keys = [backbone.conversation_key(p[C.PROMPT]) for p in pairs] * 2
+    assert summary["per_pair_tokens"] == sum(map(len, ids))
+    assert summary["tokens"] == expected_tokens(ids, keys) < summary["per_pair_tokens"] / 2
+    assert summary["distinct_texts"] == len({(k, tuple(q)) for k, q in zip(keys, ids)}) < 2 * len(pairs)
+    plain = embed(str(tmp_path / "pairs"), str(tmp_path / "plain"), dedup=False, **kw)
+    table = storage.read_table(str(tmp_path / "plain"))
+    assert table.column(C.PAIR_ID).to_pylist() == [p[C.PAIR_ID] for p in pairs]   # input order
+    check_against_reference(table, reference, pairs)
+    assert plain["per_pair_tokens"] == summary["per_pair_tokens"]
+
+
+def test_pipeline_all_distinct_mean_pooling_is_todays_output(ray_local, tmp_path, models):
+    """No text repeats and mean pooling shares no prefix: dedup and --no-dedup write the same rows."""
+    storage.write_table(pairs_table(make_pairs()), str(tmp_path / "pairs"))
+    kw = dict(model=models["right"], dtype="float32", batch_rows=4, batch_tokens=300, pooling="mean")
+    embed(str(tmp_path / "pairs"), str(tmp_path / "a"), **kw)
+    embed(str(tmp_path / "pairs"), str(tmp_path / "b"), dedup=False, **kw)
+    a, b = (storage.read_table(str(tmp_path / x)).sort_by(C.PAIR_ID) for x in "ab")
+    assert a.drop_columns([C.CHOSEN_EMB, C.REJECTED_EMB]).equals(b.drop_columns([C.CHOSEN_EMB, C.REJECTED_EMB]))
+    for col in (C.CHOSEN_EMB, C.REJECTED_EMB):
+        np.testing.assert_allclose(C.emb_matrix(a.column(col)), C.emb_matrix(b.column(col)), atol=1e-6)
 
 
 def test_pipeline_s3_round_trip_right_padding(ray_local, s3_bucket, models, reference):
