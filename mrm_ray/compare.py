@@ -331,6 +331,8 @@ def compare(embeddings: str, out: str, preset: str | None = None, config: str | 
     storage.check_output(out, "compare", [embeddings], overwrite=True)   # ownership, before reading anything
     shard = load_population(embeddings)   # validates the whole table before any training
     storage.claim_folder(out, "compare", [embeddings], overwrite=overwrite, resume=True)
+    if overwrite:   # redo it: its own runs start afresh instead of resuming (perhaps on another table)
+        storage.delete(storage.join(out, "runs"))
     variants = [k for k in MRM_VARIANTS if k in methods]
     results = {}
     for key in variants:

@@ -38,6 +38,12 @@ def test_compare_end_to_end(tmp_path, capsys):
     assert cfgs[0]["rpo"]["enabled"] is False and cfgs[1]["rpo"]["enabled"] is True
     assert cfgs[0]["epochs"] == cfgs[1]["epochs"] == 3
     assert "| MRM + RPO |" in capsys.readouterr().out
+    # redone on a regenerated table: --overwrite trains its runs afresh (they cannot resume on another table)
+    assert main(["synth", "--out", emb, "--users", "400", "--dim", "16", "--seed", "4", "--overwrite"]) == 0
+    assert main(["compare", "--embeddings", emb, "--out", out, "--epochs", "2", "--questions", "0",
+                 "--methods", "shared_bt", "--overwrite"]) == 0
+    assert json.loads((tmp_path / "cmp" / "runs" / "mrm_rpo" / "config.json").read_text())["epochs"] == 2
+    assert not (tmp_path / "cmp" / "runs" / "mrm").exists()
 
 
 def test_compare_user_errors(tmp_path, capsys):
