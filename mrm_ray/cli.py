@@ -88,8 +88,9 @@ def _embed_args(p) -> None:
                    help="compute dtype; auto = bfloat16 on GPU and on CPUs with native bf16 (AVX512-BF16/AMX), "
                         "else float32")
     p.add_argument("--no-dedup", dest="dedup", action="store_false",
-                   help="embed every pair's two texts as they come (default: group pairs by prompt, run each "
-                        "distinct text once and a shared prompt once; output rows then come grouped by prompt)")
+                   help="embed every pair's two texts as they come, in input order (default: group pairs by "
+                        "conversation, run each distinct text and each shared token prefix, such as a prompt, "
+                        "once; output rows then come grouped by conversation)")
     p.add_argument("--emb-dtype", choices=("float32", "float16"), default="float32",
                    help="stored embedding dtype (float16 halves the table)")
     p.add_argument("--batch-tokens", type=int, default=0,

@@ -17,7 +17,7 @@ decoder every token prefix its texts share (the prompt, an earlier turn that
 later turns continue) runs once, its key/value cache reused by what follows
 (mrm_ray.backbone.PairEncoder.encode_distinct).  The stage reports tokens
 computed against what a pass over every pair would compute.  --no-dedup
-streams pairs straight through instead (sharing only within a batch).
+streams every pair's two texts straight through the plain pass instead.
 
 Throughput: the texts of a Ray batch are split into sub-batches of at most
 `batch_tokens` padded tokens after sorting them by length, so a sub-batch
@@ -43,9 +43,9 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from mrm_ray import raytools
-from mrm_ray.backbone import (DEFAULT_GPU_MODEL, PairEncoder, backbone_id, compute_dtype, default_cpu_model,
-                              default_pooling, effective_max_length, hidden_size, load_backbone, load_config,
-                              load_tokenizer, conversation_key, conversations)
+from mrm_ray.backbone import (DEFAULT_GPU_MODEL, PairEncoder, backbone_id, compute_dtype, conversation_key,
+                              conversations, default_cpu_model, default_pooling, effective_max_length, hidden_size,
+                              load_backbone, load_config, load_tokenizer, pair_conversations)
 from mrm_ray.data import contract as C
 from mrm_ray.data import runs, storage
 from mrm_ray.errors import UserError, unwrap
@@ -89,7 +89,7 @@ class EmbedActor:
         then pair id (a fixed order whatever order the shuffle delivered), and embedded in units of
         whole conversations of at most `unit_rows` pairs; a bigger one alone, in pieces of MAX_GROUP_ROWS."""
         if not self.grouped:
-            yield self._embed(batch)
+            yield self._embed(batch, share=False)
             return
         batch = {k: v[np.lexsort((batch[C.PAIR_ID], batch[_CONV_KEY]))] for k, v in batch.items()}
         keys = batch[_CONV_KEY]
@@ -103,8 +103,18 @@ class EmbedActor:
                 yield self._embed({k: v[a:min(hi, a + step)] for k, v in batch.items()})
             lo = hi
 
-    def _embed(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _embed(self, batch: dict[str, np.ndarray], share: bool = True) -> dict[str, np.ndarray]:
+        """Embeddings of a batch's pairs; share=False: every pair's two texts through the plain pass."""
         import torch
+
+        if not share:
+            n = len(batch[C.PAIR_ID])
+            prompts = [json.loads(p) for p in batch[_PROMPT_JSON]]
+            ids, truncated = self.encoder.tokenize(pair_conversations(prompts, batch[C.CHOSEN], batch[C.REJECTED]))
+            emb, scores = self.encoder.encode_ids(ids)
+            tokens = sum(map(len, ids))
+            self.encoder.stats.take()
+            return self._output(batch, emb.numpy(), scores, (n, tokens, tokens, truncated, 2 * n, 0))
 
         n, keys, prompts = len(batch[C.PAIR_ID]), batch[_CONV_KEY], batch[_PROMPT_JSON]
         # Distinct (prompt, response) texts first (tokenizing is not free either); texts[i] is pair i % n's
@@ -123,14 +133,19 @@ class EmbedActor:
         _, computed, unshared = self.encoder.stats.take()
         per_pair = int(sum(len(ids[j]) for j in inverse))   # what a pass over every pair's two texts computes
         inv = torch.as_tensor(inverse)
-        emb = emb[inv].numpy()
+        return self._output(batch, emb[inv].numpy(), scores[inv] if scores is not None else None,
+                            (n, per_pair, computed, truncated, len(first), unshared))
+
+    def _output(self, batch, emb: np.ndarray, scores, totals: tuple) -> dict[str, np.ndarray]:
+        """The keys and the chosen/rejected halves of (2n, d) embeddings; totals go to the progress actor."""
+        n = len(batch[C.PAIR_ID])
         out = {c: batch[c] for c in C.KEY_COLUMNS}
         out[C.CHOSEN_EMB], out[C.REJECTED_EMB] = emb[:n], emb[n:]
         if scores is not None:
-            scores = scores[inv].numpy()
+            scores = scores.numpy()
             out[C.CHOSEN_SCORE], out[C.REJECTED_SCORE] = scores[:n], scores[n:]
         if self.progress is not None:  # fire and forget: the driver polls the totals
-            self.progress.add.remote(n, per_pair, computed, truncated, len(first), unshared)
+            self.progress.add.remote(*totals)
         return out
 
 
@@ -192,8 +207,8 @@ def embed(pairs: str, out: str, model: str = "auto", pooling: str = "auto", dtyp
     replica when the cluster has GPUs.  threads 0: the node's cores / actors.
     dtype auto: bfloat16 on GPUs and on CPUs with native bf16, else float32.
     dedup: group pairs by conversation (a hash shuffle) and run each distinct
-    text and each shared token prefix once; False streams the pairs through in
-    input order.
+    text and each shared token prefix once; False runs every pair's two texts,
+    in input order.
     """
     import ray
 

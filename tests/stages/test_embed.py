@@ -256,7 +256,7 @@ def test_pipeline_runs_each_text_and_prompt_once(ray_local, tmp_path, models):
     table = storage.read_table(str(tmp_path / "plain"))
     assert table.column(C.PAIR_ID).to_pylist() == [p[C.PAIR_ID] for p in pairs]   # input order
     check_against_reference(table, reference, pairs)
-    assert plain["per_pair_tokens"] == summary["per_pair_tokens"]
+    assert plain["tokens"] == plain["per_pair_tokens"] == summary["per_pair_tokens"]   # the plain pass
 
 
 def test_pipeline_all_distinct_mean_pooling_is_todays_output(ray_local, tmp_path, models):
