@@ -213,6 +213,7 @@ def embed(pairs: str, out: str, model: str = "auto", pooling: str = "auto", dtyp
     import ray
 
     # Everything a user can get wrong is checked here, once, before any Ray work starts.
+    pairs, out = storage.absolute(pairs), storage.absolute(out)
     if batch_rows < 1 or max_length < 2 or batch_tokens < 0 or actors < 0:
         raise UserError("--batch-rows must be >= 1, --max-length >= 2, --batch-tokens and --actors >= 0")
     if num_cpus <= 0 or (num_gpus is not None and num_gpus < 0):

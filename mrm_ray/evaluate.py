@@ -65,7 +65,7 @@ def evaluate(run: runs.Run, embeddings: str, out: str | None = None, baseline: b
              overwrite: bool = False, shots=SHOTS) -> dict:
     """Evaluate `run` on `embeddings`; writes the metrics JSON `out` (default <run>/metrics.json), the
     per-user table and plots beside it, and returns the metrics."""
-    out = out or storage.join(run.uri, runs.METRICS)
+    embeddings, out = storage.absolute(embeddings), storage.absolute(out or storage.join(run.uri, runs.METRICS))
     check_outputs(out, embeddings, overwrite)
     storage.check_table(embeddings)
     runs.check_same_backbone({"the run": run.info.get("embeddings") or {}, embeddings: runs.provenance(embeddings)})

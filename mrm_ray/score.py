@@ -292,6 +292,7 @@ def score(run: runs.Run, support: str, candidates: str, out: str, support_split:
 
     partitions 0: one user bucket per ROWS_PER_PART input rows.  steps None: the run's eval_inner_steps.
     """
+    support, candidates, out = (storage.absolute(u) for u in (support, candidates, out))
     if steps is not None and steps < 1:
         raise UserError("--steps must be >= 1")
     if partitions < 0:

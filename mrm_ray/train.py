@@ -309,6 +309,7 @@ def train(cfg: TrainConfig, embeddings: str, out: str, local: bool = False, expl
     asked for now, which a resumed run takes (None: those that differ from the
     defaults).  address: the Ray cluster (None: RAY_ADDRESS, else a local one).
     """
+    embeddings, out = storage.absolute(embeddings), storage.absolute(out)
     check_run_directory(out, embeddings)
     with Lease(out, "train"):   # one mrm train per run directory at a time
         return _train(cfg, embeddings, out, local, explicit, address, placement)

@@ -126,6 +126,7 @@ def check_inputs(uri: str, embeddings: str) -> None:
 
 def load_run(uri: str) -> Run:
     """Load a finished run; one-line errors for a missing or incompatible directory."""
+    uri = storage.absolute(uri)
     if not storage.exists(uri):
         raise UserError(f"no run directory at {uri}")
     for name in (CONFIG, MODEL_JSON, MODEL):

@@ -79,6 +79,15 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
 
 
+def absolute(uri: str) -> str:
+    """A URI that means the same in every process: local paths made absolute (Ray workers, Ray Train's
+    above all, run in other working directories), s3:// as it is."""
+    uri = str(uri)
+    if is_remote(uri):
+        return uri
+    return os.path.abspath(os.path.expanduser(uri[len("file://"):] if uri.startswith("file://") else uri))
+
+
 def join(uri: str, *parts: str) -> str:
     return "/".join([str(uri).rstrip("/"), *parts])
 

@@ -74,10 +74,16 @@ def population(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def reference(population, tmp_path_factory, ray_local) -> Path:
-    """`mrm train` with 2 gloo workers, uninterrupted."""
-    run = tmp_path_factory.mktemp("ref") / "run"
-    assert mrm_train(population, run) == 0
-    return run
+    """`mrm train` with 2 gloo workers, uninterrupted; given relative paths, as a user types them (Ray
+    Train's workers run in other working directories)."""
+    root = tmp_path_factory.mktemp("ref")
+    here = os.getcwd()
+    os.chdir(root)
+    try:
+        assert mrm_train(os.path.relpath(population, root), "run") == 0
+    finally:
+        os.chdir(here)
+    return root / "run"
 
 
 # --- the data path, without Ray ---------------------------------------------------------
