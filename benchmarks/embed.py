@@ -170,21 +170,26 @@ def bench_llama8b_shape(args):
 
 
 # --- tables with the sharing of real preference datasets ---------------------------------------------
-def _words(rng, lo: int, hi: int) -> str:
+TOKENS_PER_WORD = 2.5   # the tests' tiny byte-level BPE on its own vocabulary (measured: 2.48-2.59)
+
+
+def _text(rng, lo: int, hi: int) -> str:
+    """A text of lo..hi tokens (of the tiny tokenizer), words drawn from its training corpus."""
     from tiny_models import _CORPUS
     vocab = sorted({w for line in _CORPUS for w in line.split()})
-    return " ".join(rng.choice(vocab, int(rng.integers(lo, hi + 1))))
+    return " ".join(rng.choice(vocab, max(1, round(int(rng.integers(lo, hi + 1)) / TOKENS_PER_WORD))))
 
 
 def prism_shaped(conversations: int, seed: int = 0) -> list[dict]:
     """PRISM's layout: an opening turn with four replies (one chosen: three pairs sharing the prompt and the
-    chosen reply), then 0-3 later turns with two replies each, the conversation so far as the prompt."""
+    chosen reply), then 0-3 later turns with two replies each, the conversation so far as the prompt.
+    User messages of 15-60 tokens, replies of 100-350."""
     rng, rows = np.random.default_rng(seed), []
     for c in range(conversations):
         history = []
         for t in range(int(rng.integers(1, 5))):
-            history = history + [{"role": "user", "content": _words(rng, 15, 60)}]
-            replies = [_words(rng, 40, 150) for _ in range(4 if t == 0 else 2)]
+            history = history + [{"role": "user", "content": _text(rng, 15, 60)}]
+            replies = [_text(rng, 100, 350) for _ in range(4 if t == 0 else 2)]
             for k, r in enumerate(replies[1:]):
                 rows.append({C.USER_ID: f"u{c % 97}", C.PAIR_ID: f"c{c}-t{t}-{k}", C.CONV_ID: f"c{c}",
                              C.PROMPT: history, C.CHOSEN: replies[0], C.REJECTED: r})
@@ -193,13 +198,13 @@ def prism_shaped(conversations: int, seed: int = 0) -> list[dict]:
 
 
 def reddit_shaped(posts: int, seed: int = 0) -> list[dict]:
-    """Reddit TL;DR's layout: a post of a few hundred tokens with a handful of summaries, compared 5-40
-    times by different workers, each comparison two of its 20-60-token summaries."""
+    """Reddit TL;DR's layout: a post of 200-600 tokens with 4-8 summaries of 20-60 tokens, compared 5-40
+    times by different workers, each comparison two of its summaries."""
     rng, rows = np.random.default_rng(seed), []
     for p in range(posts):
-        prompt = [{"role": "user", "content": "SUBREDDIT: r/advice\nTITLE: " + _words(rng, 5, 12)
-                   + "\nPOST: " + _words(rng, 150, 450)}]
-        summaries = [_words(rng, 15, 45) for _ in range(int(rng.integers(4, 9)))]
+        prompt = [{"role": "user", "content": "SUBREDDIT: r/advice\nTITLE: " + _text(rng, 10, 30)
+                   + "\nPOST: " + _text(rng, 200, 600)}]
+        summaries = [_text(rng, 20, 60) for _ in range(int(rng.integers(4, 9)))]
         for k in range(int(rng.integers(5, 41))):
             a, b = rng.choice(len(summaries), 2, replace=False)
             rows.append({C.USER_ID: f"w{int(rng.integers(60))}", C.PAIR_ID: f"p{p}-{k}", C.CONV_ID: f"p{p}-{k}",
