@@ -426,6 +426,10 @@ class PairEncoder:
                     if ends:
                         self._put(emb, scores, [chunk[i].ends for i in ends], pooled[ends],
                                   score[ends] if score is not None else None)
+                for n in level:
+                    n.pending = len(n.children)
+                    if not n.children:
+                        n.finish()
                 level = [c for n in level for c in n.children]
         inv = torch.as_tensor(inverse)
         return emb[inv], (scores[inv] if scores is not None else None)
@@ -433,11 +437,20 @@ class PairEncoder:
 
 class _Node:
     """A segment [start, end) of sequence `seq` in a radix tree; `ends` is the sequence ending here."""
-    __slots__ = ("seq", "start", "end", "parent", "children", "ends", "kv")
+    __slots__ = ("seq", "start", "end", "parent", "children", "ends", "kv", "pending")
 
     def __init__(self, seq, start, end, parent):
         self.seq, self.start, self.end, self.parent = seq, start, end, parent
-        self.children, self.ends, self.kv = [], None, None
+        self.children, self.ends, self.kv, self.pending = [], None, None, 0
+
+    def finish(self):
+        """This subtree is done: free the caches nothing below needs any more (bounded memory)."""
+        self.kv, n = None, self.parent
+        while n is not None:
+            n.pending -= 1
+            if n.pending:
+                return
+            n.kv, n = None, n.parent
 
     def ancestors(self):
         chain, n = [], self.parent

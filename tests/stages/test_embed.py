@@ -153,6 +153,22 @@ def test_shared_prompts_and_repeated_texts_run_once(models, plain_model, side, t
     assert computed == expected_tokens(ids, keys) and computed < per_pair / 2
 
 
+def test_radix_tree_known_answer_and_cache_release():
+    """[1,2,3], [1,2,4], [1,2], [5]: one node [1,2] (where the third sequence ends) with children [3]
+    and [4], and a lone root [5]; the shared node's cache is freed when its last child is done."""
+    seqs = [[1, 2, 3], [1, 2, 4], [1, 2], [5]]
+    roots = sorted(backbone._radix_tree(seqs, [0, 1, 2, 3]), key=lambda n: n.start - n.end)
+    shared, lone = roots
+    assert (shared.start, shared.end, shared.ends) == (0, 2, 2) and (lone.start, lone.end, lone.ends) == (0, 1, 3)
+    assert sorted((c.start, c.end, c.ends) for c in shared.children) == [(2, 3, 0), (2, 3, 1)]
+    shared.kv, shared.pending = "cache", 2
+    first, second = shared.children
+    first.finish()
+    assert shared.kv == "cache"      # the other child still needs it
+    second.finish()
+    assert shared.kv is None
+
+
 def test_no_sharing_is_exactly_the_full_pass(models):
     """Encoders and mean pooling never share a prefix (every token sees the whole text); with every
     text distinct, the dedup path is the plain batched pass, bit for bit."""
