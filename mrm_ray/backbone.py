@@ -413,26 +413,49 @@ class PairEncoder:
         if single:
             self._put(emb, scores, single, *self.encode_ids([distinct[j] for j in single]))
         with torch.inference_mode():
-            level = roots
-            while level:
-                self.stats.computed += sum(n.end - n.start for n in level)
-                # Token-bounded chunks: a row costs its segment plus a quarter of its past (the cache it copies).
-                for idx in self._chunks(np.array([n.end - n.start + n.start // 4 for n in level])):
-                    chunk = [level[i] for i in idx]
-                    pooled, score, kv = self._segment_forward(chunk, distinct)
-                    for i, n in enumerate(chunk):
-                        n.kv = kv[i]
-                    ends = [i for i, n in enumerate(chunk) if n.ends is not None]
-                    if ends:
-                        self._put(emb, scores, [chunk[i].ends for i in ends], pooled[ends],
-                                  score[ends] if score is not None else None)
-                for n in level:
-                    n.pending = len(n.children)
-                    if not n.children:
-                        n.finish()
-                level = [c for n in level for c in n.children]
+            for level in self._tree_batches(roots):
+                self._run_trees(level, distinct, emb, scores)
         inv = torch.as_tensor(inverse)
         return emb[inv], (scores[inv] if scores is not None else None)
+
+    def _tree_batches(self, roots: list["_Node"]):
+        """Trees in batches of at most batch_tokens tokens in all (at least one tree): the caches kept
+        while a batch runs are bounded like a plain batch's activations."""
+        batch, tokens = [], 0
+        for root in roots:
+            size, stack = 0, [root]
+            while stack:
+                n = stack.pop()
+                size += n.end - n.start
+                stack += n.children
+            if batch and tokens + size > self.batch_tokens:
+                yield batch
+                batch, tokens = [], 0
+            batch.append(root)
+            tokens += size
+        if batch:
+            yield batch
+
+    def _run_trees(self, level: list["_Node"], distinct, emb, scores) -> None:
+        """Level by level: every node once, against its ancestors' caches; embeddings where sequences end."""
+        while level:
+            self.stats.computed += sum(n.end - n.start for n in level)
+            # Token-bounded chunks: a row costs its whole length so far, as in a plain batch (the past
+            # it attends over is copied into the batch's cache).
+            for idx in self._chunks(np.array([n.end for n in level])):
+                chunk = [level[i] for i in idx]
+                pooled, score, kv = self._segment_forward(chunk, distinct)
+                for i, n in enumerate(chunk):
+                    n.kv = kv[i]
+                ends = [i for i, n in enumerate(chunk) if n.ends is not None]
+                if ends:
+                    self._put(emb, scores, [chunk[i].ends for i in ends], pooled[ends],
+                              score[ends] if score is not None else None)
+            for n in level:
+                n.pending = len(n.children)
+                if not n.children:
+                    n.finish()
+            level = [c for n in level for c in n.children]
 
 
 class _Node:
