@@ -236,6 +236,14 @@ class PairEncoder:
         self.left_pad = tokenizer.padding_side == "left"
         self.special_ids = set(tokenizer.all_special_ids)
         self.share_prefix = _can_share_prefix(model, self.base, self.pooling)
+        # A token's cache (keys and values of every layer) against the ~8 x hidden numbers a plain pass
+        # holds per token: how many cached tokens cost what one token of a plain batch does (1 for an
+        # 8B Llama, more for small models).  It scales the cache budgets of encode_distinct.
+        text = model.config.get_text_config()
+        heads = getattr(text, "num_attention_heads", 1) or 1
+        kv_dim = (getattr(text, "num_key_value_heads", None) or heads) * (
+            getattr(text, "head_dim", None) or text.hidden_size // heads)
+        self.cache_ratio = max(1, (8 * text.hidden_size) // (2 * getattr(text, "num_hidden_layers", 1) * kv_dim))
         self.stats = TokenStats()
 
     # --- text -> ids ---
@@ -419,8 +427,8 @@ class PairEncoder:
         return emb[inv], (scores[inv] if scores is not None else None)
 
     def _tree_batches(self, roots: list["_Node"]):
-        """Trees in batches of at most batch_tokens tokens in all (at least one tree): the caches kept
-        while a batch runs are bounded like a plain batch's activations."""
+        """Trees in batches of at most batch_tokens x cache_ratio tokens in all (at least one tree): the
+        caches kept while a batch runs are bounded like a plain batch's activations."""
         batch, tokens = [], 0
         for root in roots:
             size, stack = 0, [root]
@@ -428,7 +436,7 @@ class PairEncoder:
                 n = stack.pop()
                 size += n.end - n.start
                 stack += n.children
-            if batch and tokens + size > self.batch_tokens:
+            if batch and tokens + size > self.batch_tokens * self.cache_ratio:
                 yield batch
                 batch, tokens = [], 0
             batch.append(root)
@@ -440,9 +448,9 @@ class PairEncoder:
         """Level by level: every node once, against its ancestors' caches; embeddings where sequences end."""
         while level:
             self.stats.computed += sum(n.end - n.start for n in level)
-            # Token-bounded chunks: a row costs its whole length so far, as in a plain batch (the past
-            # it attends over is copied into the batch's cache).
-            for idx in self._chunks(np.array([n.end for n in level])):
+            # Token-bounded chunks: a row costs its segment plus its past (copied into the chunk's cache)
+            # at the cache's price.
+            for idx in self._chunks(np.array([n.end - n.start + n.start // self.cache_ratio for n in level])):
                 chunk = [level[i] for i in idx]
                 pooled, score, kv = self._segment_forward(chunk, distinct)
                 for i, n in enumerate(chunk):
