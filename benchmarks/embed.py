@@ -20,6 +20,10 @@ demo's texts through `mrm embed` against plain sentence-transformers encode:
     python benchmarks/embed.py --prism-shaped      # opening turns with 4 replies, A/B later turns
     python benchmarks/embed.py --reddit-shaped     # long posts compared many times, short summaries
     python benchmarks/embed.py --demo-texts        # `mrm embed` (Ray start-up included) vs SentenceTransformer
+  GPU, the same tables through the stage's pair encoder on the random 8B shape (tokens/s, MFU, before/after):
+    python benchmarks/embed.py --llama8b-shape --prism-shaped --conversations 200
+    python benchmarks/embed.py --llama8b-shape --reddit-shaped --posts 40
+    python benchmarks/embed.py --exactness          # shared-prefix path vs plain pass on this device
 
 MFU in --llama8b-shape mode counts forward FLOPs over real (unpadded) tokens:
     FLOPs = sum_i (2 * N * T_i + 2 * n_layers * T_i^2 * d_model)
@@ -76,7 +80,7 @@ def reference_loop(model, tokenizer, conversations, pooling: str, device) -> tup
 
 def _sync(device):
     if device.type == "cuda":
-        _sync(device)
+        torch.cuda.synchronize(device)
 
 
 def bench_model(args):
@@ -121,11 +125,10 @@ def report(batched_tps, ref_tps, batched_rows, ref_rows, diff=None):
     print(f"speed-up: {batched_tps / ref_tps:.1f}x{check}")
 
 
-def bench_llama8b_shape(args):
-    """A random Llama-3.1-8B-shaped reward model in bf16: tokens/s and MFU of the batched encoder."""
+def llama8b(args, device):
+    """A random Llama-3.1-8B-shaped reward model in bf16 (--layers of them), built in place on `device`."""
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type != "cuda" and args.layers == 32:
         raise SystemExit("--llama8b-shape needs a GPU (8B parameters in bf16 are 16 GB); "
                          "for a CPU smoke test pass --device cpu --layers 1")
@@ -138,6 +141,22 @@ def bench_llama8b_shape(args):
             config, attn_implementation="flash_attention_2" if flash else "sdpa", dtype=torch.bfloat16)
     model.eval().requires_grad_(False)
     n_params = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
+    return model, config, n_params
+
+
+def forward_flops(n_params: int, config, new: np.ndarray, past: np.ndarray | None = None) -> float:
+    """Forward FLOPs of segments of `new` tokens each attending over `past` cached tokens plus themselves
+    (the module docstring's count; a plain pass has past = 0)."""
+    new = new.astype(float)
+    past = np.zeros_like(new) if past is None else past.astype(float)
+    return float(np.sum(2.0 * n_params * new + 2.0 * config.num_hidden_layers * new * (past + new)
+                        * config.hidden_size))
+
+
+def bench_llama8b_shape(args):
+    """A random Llama-3.1-8B-shaped reward model in bf16: tokens/s and MFU of the batched encoder."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, config, n_params = llama8b(args, device)
     # Reward-model texts: lengths like chat turns with a response, 64..2048 tokens, log-uniform.
     rng = np.random.default_rng(0)
     lengths = np.exp(rng.uniform(np.log(64), np.log(2048), 2 * args.pairs)).astype(int)
@@ -154,8 +173,7 @@ def bench_llama8b_shape(args):
     _sync(device)
     dt = time.perf_counter() - t0
     tokens = int(lengths.sum())
-    flops = float(np.sum(2.0 * n_params * lengths + 2.0 * config.num_hidden_layers * lengths.astype(float) ** 2
-                         * config.hidden_size))
+    flops = forward_flops(n_params, config, lengths)
     print(f"batched: {tokens / dt:,.0f} tokens/s, {len(seqs) / dt:.1f} texts/s, "
           f"{flops / dt / 1e12:.1f} TFLOP/s = MFU {flops / dt / (args.peak_tflops * 1e12):.1%} "
           f"(peak {args.peak_tflops} TFLOP/s)")
@@ -252,6 +270,92 @@ def bench_shapes(args):
     ray.shutdown()
 
 
+def bench_shapes_llama8b(args):
+    """The shaped tables through the pair encoder of `mrm embed` (no Ray) on a random Llama-3.1-8B-shaped
+    model: every pair's two texts (today's path) vs each distinct text once with shared prefixes cached."""
+    from tiny_models import build_tokenizer
+
+    from mrm_ray.backbone import _radix_tree, conversation_key
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, config, n_params = llama8b(args, device)
+    shape = "prism" if args.prism_shaped else "reddit"
+    rows = prism_shaped(args.conversations) if shape == "prism" else reddit_shaped(args.posts)
+    enc = PairEncoder(model, build_tokenizer(max_length=4096), pooling="last",
+                      batch_tokens=args.batch_tokens or None, max_length=4096)
+    prompts = [r[C.PROMPT] for r in rows]
+    ids, _ = enc.tokenize(pair_conversations(prompts, [r[C.CHOSEN] for r in rows], [r[C.REJECTED] for r in rows]))
+    groups = [conversation_key(p) for p in prompts] * 2
+    # The work each path does, counted from the sequences (not from the encoder): a plain pass runs every
+    # text whole; the shared path runs each radix-tree segment once against its cached past.
+    plain = np.array([len(s) for s in ids])
+    distinct, members = {}, {}
+    for s, g in zip(ids, groups):
+        if tuple(s) not in distinct:
+            distinct[tuple(s)] = len(distinct)
+            members.setdefault(g, []).append(len(distinct) - 1)
+    seqs, seg_new, seg_past = [list(s) for s in distinct], [], []
+    for m in members.values():
+        stack = _radix_tree(seqs, m)
+        while stack:
+            node = stack.pop()
+            seg_new.append(node.end - node.start)
+            seg_past.append(node.start)
+            stack += node.children
+    seg_new, seg_past = np.array(seg_new), np.array(seg_past)
+    print(f"{shape}-shaped: {len(rows)} pairs; random Llama-3.1-8B shape ({n_params / 1e9:.2f}B non-embedding "
+          f"params, {args.layers} layers) in bf16, attn={model.config._attn_implementation}, device={device}, "
+          f"batch_tokens={enc.batch_tokens}")
+    enc.encode_ids(ids[:16])                       # warm-up both paths
+    enc.encode_distinct(ids[:64], groups[:64])
+    results = {}
+    for name, run, tokens, flops in (
+            ("per pair (today)", lambda: enc.encode_ids(ids), plain.sum(), forward_flops(n_params, config, plain)),
+            ("dedup + shared prefixes", lambda: enc.encode_distinct(ids, groups), seg_new.sum(),
+             forward_flops(n_params, config, seg_new, seg_past))):
+        _sync(device)
+        t0 = time.perf_counter()
+        emb, _ = run()
+        _sync(device)
+        dt = time.perf_counter() - t0
+        results[name] = emb
+        print(f"  {name:24s} {tokens / len(rows):7.1f} tokens/pair  {dt:7.2f} s  {len(rows) / dt:8.1f} pairs/s  "
+              f"{tokens / dt:9,.0f} tokens/s  MFU {flops / dt / (args.peak_tflops * 1e12):6.1%}", flush=True)
+        results[name + " s"] = dt
+    a, b = results["per pair (today)"], results["dedup + shared prefixes"]
+    cos = torch.nn.functional.cosine_similarity(a, b, dim=1).min().item()
+    print(f"  tokens: {plain.sum() / seg_new.sum():.2f}x fewer; wall: "
+          f"{results['per pair (today) s'] / results['dedup + shared prefixes s']:.2f}x faster; "
+          f"min cosine between the two paths' embeddings (bf16): {cos:.5f}")
+
+
+def exactness(args):
+    """The shared-prefix path against the plain pass and one text at a time, on the shaped tables with a tiny
+    random Llama (left and right padding, float32 and bf16) on --device: max absolute differences."""
+    from tiny_models import tiny_reward_model
+
+    from mrm_ray.backbone import conversation_key
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    work = Path(tempfile.mkdtemp(prefix="mrm-embed-exact-"))
+    for side in ("right", "left"):
+        path = tiny_reward_model(work / side, hidden_size=64, layers=2, padding_side=side, max_positions=4096)
+        for dtype in ("float32", "bfloat16"):
+            model, tok = load_backbone(path, device=device, dtype=dtype)
+            enc = PairEncoder(model, tok, max_length=4096)
+            for shape, rows in (("prism", prism_shaped(12)), ("reddit", reddit_shaped(4))):
+                prompts = [r[C.PROMPT] for r in rows]
+                ids, _ = enc.tokenize(pair_conversations(prompts, [r[C.CHOSEN] for r in rows],
+                                                         [r[C.REJECTED] for r in rows]))
+                plain, plain_s = enc.encode_ids(ids)
+                shared, shared_s = enc.encode_distinct(ids, [conversation_key(p) for p in prompts] * 2)
+                one = torch.stack([enc.encode_ids([s])[0][0] for s in ids[:40]])
+                print(f"{device.type} {side:5s} padding {dtype:8s} {shape:6s} {len(ids):3d} texts: "
+                      f"max |shared - plain| {(shared - plain).abs().max():.1e} (scores "
+                      f"{(shared_s - plain_s).abs().max():.1e}), max |plain - one at a time| "
+                      f"{(plain[:40] - one).abs().max():.1e}, largest |value| {plain.abs().max():.1f}", flush=True)
+
+
 def json_key(prompt) -> str:
     import json
     return json.dumps(prompt, sort_keys=True)
@@ -326,10 +430,16 @@ def main():
     p.add_argument("--demo-texts", action="store_true", help="`mrm embed` vs SentenceTransformer.encode on the "
                                                                "demo's texts")
     p.add_argument("--demo-users", type=int, default=200, help="--demo-texts: users (16 pairs each)")
+    p.add_argument("--exactness", action="store_true", help="shared-prefix vs plain vs one-at-a-time embeddings of "
+                                                              "a tiny Llama on --device (float32 and bf16)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.prism_shaped or args.reddit_shaped:
+    if args.exactness:
+        exactness(args)
+    elif (args.prism_shaped or args.reddit_shaped) and args.llama8b_shape:
+        bench_shapes_llama8b(args)
+    elif args.prism_shaped or args.reddit_shaped:
         if args.layers == 32:
             args.layers = 6
         bench_shapes(args)

@@ -226,7 +226,7 @@ class PairEncoder:
         self.max_length = effective_max_length(model.config, tokenizer, max_length)
         # GPUs want big batches; on CPU, batches past a few thousand tokens spill the caches and get
         # slower (element-wise ops turn memory-bound): measured on a 2-core Xeon with MiniLM.
-        on_gpu = next(model.parameters()).device.type == "cuda"
+        self.on_gpu = on_gpu = next(model.parameters()).device.type == "cuda"
         self.batch_tokens = int(batch_tokens or (16384 if on_gpu else 4096))
         self.head = score_head(model) if self.pooling == "last" else None
         self.base = _base(model)
@@ -243,7 +243,17 @@ class PairEncoder:
         heads = getattr(text, "num_attention_heads", 1) or 1
         kv_dim = (getattr(text, "num_key_value_heads", None) or heads) * (
             getattr(text, "head_dim", None) or text.hidden_size // heads)
-        self.cache_ratio = max(1, (8 * text.hidden_size) // (2 * getattr(text, "num_hidden_layers", 1) * kv_dim))
+        layers = getattr(text, "num_hidden_layers", 1)
+        self.cache_ratio = max(1, (8 * text.hidden_size) // (2 * layers * kv_dim))
+        if on_gpu:
+            # A GPU holds the weights and little else: give the caches memory that is actually free.  A tree
+            # batch's arena, a chunk's gathered past and the model's concatenated cache each hold at most
+            # batch_tokens x cache_ratio tokens; each gets at most 15 % of what is free now.
+            import torch
+
+            free, _ = torch.cuda.mem_get_info(next(model.parameters()).device)
+            per_token = 2 * layers * kv_dim * next(model.parameters()).element_size()
+            self.cache_ratio = max(self.cache_ratio, int(0.15 * free / (per_token * self.batch_tokens)))
         self.stats = TokenStats()
 
     # --- text -> ids ---
@@ -308,50 +318,59 @@ class PairEncoder:
         kwargs = {"attention_mask": mask}
         if self.pass_positions:
             kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
-        hidden = self.base(input_ids=ids, use_cache=False, **kwargs).last_hidden_state
+        with self._attention_kernels():
+            hidden = self.base(input_ids=ids, use_cache=False, **kwargs).last_hidden_state
         return self._pooled(hidden, mask)
 
-    def _segment_forward(self, nodes: list["_Node"], seqs: list[list[int]]):
-        """Run each node's token segment against the key/value cache of its ancestors (rows padded on
-        the right, the past's padding holes masked, positions continuing each row's own past).
+    def _attention_kernels(self):
+        """On GPU, PyTorch SDPA without its cuDNN kernel: cuDNN builds a graph for every new batch shape
+        (2.5 ms of CPU per layer call, measured on an H100), and token-bounded batches come in many
+        shapes; the flash and memory-efficient kernels take any shape at once."""
+        import contextlib
 
-        Returns the pooled states and scores at each segment's last token, and each row's new cache
-        (per layer (keys, values) of its own segment) for nodes with children."""
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        if not self.on_gpu:
+            return contextlib.nullcontext()
+        return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+    def _segment_forward(self, nodes: list["_Node"], seqs: list[list[int]], arena: "_Arena"):
+        """Run each node's token segment against its ancestors' keys and values (rows padded on the
+        right, the past's padding holes masked, positions continuing each row's own past); the new
+        keys and values of nodes with children go to the arena.  Returns the pooled states and scores
+        at each segment's last token.
+
+        The past of every row comes out of the arena in one gather per layer, and the new cache goes
+        back in one scatter per layer: no per-node tensor work."""
         import torch
         from transformers import DynamicCache
 
         ids, mask = self._pad([seqs[n.seq][n.start:n.end] for n in nodes], left=False)
-        past_len = max(n.start for n in nodes)
+        device, past_len = ids.device, max(n.start for n in nodes)
         kwargs = {}
         if past_len:
-            layers = len(nodes[0].parent.kv)
-            pasts = [[torch.cat([a.kv[layer][0] for a in n.ancestors()], -2) for layer in range(layers)]
-                     for n in nodes]
-            pasts_v = [[torch.cat([a.kv[layer][1] for a in n.ancestors()], -2) for layer in range(layers)]
-                       for n in nodes]
-            data = []
-            for layer in range(layers):
-                k0 = pasts[0][layer]
-                K = k0.new_zeros((len(nodes), k0.shape[0], past_len, k0.shape[-1]))
-                V = torch.zeros_like(K)
-                for i, n in enumerate(nodes):
-                    K[i, :, :n.start] = pasts[i][layer]
-                    V[i, :, :n.start] = pasts_v[i][layer]
-                data.append((K, V))
-            kwargs["past_key_values"] = DynamicCache(ddp_cache_data=data, config=self.model.config)
-            starts = torch.tensor([n.start for n in nodes], device=ids.device)
-            past_mask = (torch.arange(past_len, device=ids.device) < starts[:, None]).to(mask.dtype)
+            gather = np.zeros((len(nodes), past_len), dtype=np.int64)   # padding reads slot 0, masked
+            for i, n in enumerate(nodes):
+                gather[i, :n.start] = np.concatenate([np.arange(a.off, a.off + a.end - a.start)
+                                                      for a in n.ancestors()])
+            kwargs["past_key_values"] = DynamicCache(
+                ddp_cache_data=arena.gather(torch.as_tensor(gather.reshape(-1), device=device), len(nodes)),
+                config=self.model.config)
+            starts = torch.tensor([n.start for n in nodes], device=device)
+            past_mask = (torch.arange(past_len, device=device) < starts[:, None]).to(mask.dtype)
             full_mask = torch.cat([past_mask, mask], 1)
         else:
-            starts, full_mask = torch.zeros(len(nodes), dtype=torch.long, device=ids.device), mask
-        out = self.base(input_ids=ids, attention_mask=full_mask, position_ids=starts[:, None] + torch.arange(
-            ids.shape[1], device=ids.device), use_cache=True, **kwargs)
-        pooled, score = self._pooled(out.last_hidden_state, mask)
-        cache = out.past_key_values
-        new_kv = [[(layer.keys[i, :, past_len:past_len + n.end - n.start].clone(),
-                    layer.values[i, :, past_len:past_len + n.end - n.start].clone()) for layer in cache.layers]
-                  if n.children else None for i, n in enumerate(nodes)]
-        return pooled, score, new_kv
+            starts, full_mask = torch.zeros(len(nodes), dtype=torch.long, device=device), mask
+        with self._attention_kernels():
+            out = self.base(input_ids=ids, attention_mask=full_mask, position_ids=starts[:, None] + torch.arange(
+                ids.shape[1], device=device), use_cache=True, **kwargs)
+        keep = [(i, n) for i, n in enumerate(nodes) if n.children]
+        if keep:
+            rows = np.concatenate([np.full(n.end - n.start, i) for i, n in keep])
+            cols = np.concatenate([np.arange(past_len, past_len + n.end - n.start) for _, n in keep])
+            dest = np.concatenate([np.arange(n.off, n.off + n.end - n.start) for _, n in keep])
+            arena.scatter(out.past_key_values, *(torch.as_tensor(x, device=device) for x in (rows, cols, dest)))
+        return self._pooled(out.last_hidden_state, mask)
 
     def _outputs(self, n: int):
         import torch
@@ -421,67 +440,85 @@ class PairEncoder:
         if single:
             self._put(emb, scores, single, *self.encode_ids([distinct[j] for j in single]))
         with torch.inference_mode():
-            for level in self._tree_batches(roots):
-                self._run_trees(level, distinct, emb, scores)
+            for level, arena_tokens in self._tree_batches(roots):
+                self._run_trees(level, arena_tokens, distinct, emb, scores)
         inv = torch.as_tensor(inverse)
         return emb[inv], (scores[inv] if scores is not None else None)
 
     def _tree_batches(self, roots: list["_Node"]):
-        """Trees in batches of at most batch_tokens x cache_ratio tokens in all (at least one tree): the
-        caches kept while a batch runs are bounded like a plain batch's activations."""
+        """Trees in batches whose cached segments (nodes with children) hold at most
+        batch_tokens x cache_ratio tokens (at least one tree); each cached node gets its arena offset."""
         batch, tokens = [], 0
         for root in roots:
-            size, stack = 0, [root]
+            cached, stack = [], [root]
             while stack:
                 n = stack.pop()
-                size += n.end - n.start
+                if n.children:
+                    cached.append(n)
                 stack += n.children
+            size = sum(n.end - n.start for n in cached)
             if batch and tokens + size > self.batch_tokens * self.cache_ratio:
-                yield batch
+                yield batch, tokens
                 batch, tokens = [], 0
+            for n in cached:
+                n.off, tokens = tokens, tokens + n.end - n.start
             batch.append(root)
-            tokens += size
         if batch:
-            yield batch
+            yield batch, tokens
 
-    def _run_trees(self, level: list["_Node"], distinct, emb, scores) -> None:
+    def _run_trees(self, level: list["_Node"], arena_tokens: int, distinct, emb, scores) -> None:
         """Level by level: every node once, against its ancestors' caches; embeddings where sequences end."""
+        arena = _Arena(arena_tokens)
         while level:
             self.stats.computed += sum(n.end - n.start for n in level)
-            # Token-bounded chunks: a row costs its segment plus its past (copied into the chunk's cache)
+            # Token-bounded chunks: a row costs its segment plus its past (gathered into the chunk's cache)
             # at the cache's price.
             for idx in self._chunks(np.array([n.end - n.start + n.start // self.cache_ratio for n in level])):
                 chunk = [level[i] for i in idx]
-                pooled, score, kv = self._segment_forward(chunk, distinct)
-                for i, n in enumerate(chunk):
-                    n.kv = kv[i]
+                pooled, score = self._segment_forward(chunk, distinct, arena)
                 ends = [i for i, n in enumerate(chunk) if n.ends is not None]
                 if ends:
                     self._put(emb, scores, [chunk[i].ends for i in ends], pooled[ends],
                               score[ends] if score is not None else None)
-            for n in level:
-                n.pending = len(n.children)
-                if not n.children:
-                    n.finish()
             level = [c for n in level for c in n.children]
 
 
+class _Arena:
+    """The keys and values of a tree batch's cached segments: per layer one [tokens, kv_heads, head_dim]
+    tensor each, a node's segment at [off, off + length).  Allocated at the first scatter, when the
+    model's cache shows heads, dims and dtype; freed with the batch."""
+
+    def __init__(self, tokens: int):
+        self.tokens, self.keys, self.values = tokens, None, None
+
+    def scatter(self, cache, rows, cols, dest) -> None:
+        """Cache positions (rows[i], cols[i]) of every layer -> arena slots dest[i]."""
+        import torch
+
+        if self.keys is None:
+            k = cache.layers[0].keys   # [batch, kv_heads, length, head_dim]
+            shape = (len(cache.layers), self.tokens, k.shape[1], k.shape[3])
+            self.keys = torch.empty(shape, dtype=k.dtype, device=k.device)
+            self.values = torch.empty_like(self.keys)
+        for layer, c in enumerate(cache.layers):
+            self.keys[layer, dest] = c.keys[rows, :, cols]
+            self.values[layer, dest] = c.values[rows, :, cols]
+
+    def gather(self, index, rows: int) -> list:
+        """Per layer (keys, values) [rows, kv_heads, past, head_dim] of the flat slot index."""
+        def take(t):
+            return t.index_select(0, index).view(rows, -1, *t.shape[1:]).transpose(1, 2)
+        return [(take(k), take(v)) for k, v in zip(self.keys, self.values)]
+
+
 class _Node:
-    """A segment [start, end) of sequence `seq` in a radix tree; `ends` is the sequence ending here."""
-    __slots__ = ("seq", "start", "end", "parent", "children", "ends", "kv", "pending")
+    """A segment [start, end) of sequence `seq` in a radix tree; `ends` is the sequence ending here; `off`
+    is where a node with children keeps its keys and values in its tree batch's arena."""
+    __slots__ = ("seq", "start", "end", "parent", "children", "ends", "off")
 
     def __init__(self, seq, start, end, parent):
         self.seq, self.start, self.end, self.parent = seq, start, end, parent
-        self.children, self.ends, self.kv, self.pending = [], None, None, 0
-
-    def finish(self):
-        """This subtree is done: free the caches nothing below needs any more (bounded memory)."""
-        self.kv, n = None, self.parent
-        while n is not None:
-            n.pending -= 1
-            if n.pending:
-                return
-            n.kv, n = None, n.parent
+        self.children, self.ends, self.off = [], None, 0
 
     def ancestors(self):
         chain, n = [], self.parent

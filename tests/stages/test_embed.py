@@ -153,20 +153,21 @@ def test_shared_prompts_and_repeated_texts_run_once(models, plain_model, side, t
     assert computed == expected_tokens(ids, keys) and computed < per_pair / 2
 
 
-def test_radix_tree_known_answer_and_cache_release():
+def test_radix_tree_known_answer_and_arena_offsets(models):
     """[1,2,3], [1,2,4], [1,2], [5]: one node [1,2] (where the third sequence ends) with children [3]
-    and [4], and a lone root [5]; the shared node's cache is freed when its last child is done."""
+    and [4], and a lone root [5]; only nodes with children take arena slots, packed one after another."""
     seqs = [[1, 2, 3], [1, 2, 4], [1, 2], [5]]
     roots = sorted(backbone._radix_tree(seqs, [0, 1, 2, 3]), key=lambda n: n.start - n.end)
     shared, lone = roots
     assert (shared.start, shared.end, shared.ends) == (0, 2, 2) and (lone.start, lone.end, lone.ends) == (0, 1, 3)
     assert sorted((c.start, c.end, c.ends) for c in shared.children) == [(2, 3, 0), (2, 3, 1)]
-    shared.kv, shared.pending = "cache", 2
-    first, second = shared.children
-    first.finish()
-    assert shared.kv == "cache"      # the other child still needs it
-    second.finish()
-    assert shared.kv is None
+    model, tok = backbone.load_backbone(models["right"], device="cpu", dtype="float32")
+    enc = backbone.PairEncoder(model, tok, batch_tokens=2)
+    enc.cache_ratio = 1                                        # a budget of 2 cached tokens a batch
+    other = backbone._radix_tree([[7, 8, 9], [7, 8]], [0, 1])[0]
+    batches = list(enc._tree_batches([shared, lone, other]))
+    assert [tokens for _, tokens in batches] == [2, 2]        # [1,2] and [7,8] cached; the lone root is not
+    assert batches[0][0] == [shared, lone] and (shared.off, other.off) == (0, 0)
 
 
 def test_no_sharing_is_exactly_the_full_pass(models):
