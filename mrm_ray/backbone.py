@@ -70,9 +70,37 @@ def default_cpu_model() -> str:
     return str(Path(list(spec.submodule_search_locations)[0]) / "model")
 
 
+def model_path(name_or_path: str) -> str:
+    """What transformers loads: a hub name or local path as given (with ~ expanded), or for a model folder
+    on object storage (s3://..., e.g. `mrm finetune`'s <out>/model) a local copy, fetched once per version
+    into $MRM_MODEL_CACHE (default ~/.cache/mrm-ray/models), keyed by its files' names, sizes and times."""
+    import hashlib
+
+    from mrm_ray.data import storage
+
+    if not storage.is_remote(str(name_or_path)):
+        return os.path.expanduser(str(name_or_path))
+    import pyarrow.fs as pafs
+
+    fs, path = storage.resolve(str(name_or_path))
+    try:
+        files = [f for f in fs.get_file_info(pafs.FileSelector(path, recursive=True)) if f.type == pafs.FileType.File]
+    except OSError as e:
+        raise UserError(f"cannot list model folder {name_or_path}: {str(e).splitlines()[0]}") from None
+    if not files:
+        raise UserError(f"model path {name_or_path} does not exist")
+    version = hashlib.sha1(repr(sorted((f.path, f.size, str(f.mtime)) for f in files)).encode()).hexdigest()[:16]
+    local = Path(os.path.expanduser(os.environ.get("MRM_MODEL_CACHE", "~/.cache/mrm-ray/models"))) / version
+    if not (local / ".complete").exists():
+        local.mkdir(parents=True, exist_ok=True)
+        pafs.copy_files(path, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        (local / ".complete").touch()
+    return str(local)
+
+
 def _check_location(name_or_path: str) -> None:
     """A path that does not exist is a user mistake: say so instead of asking a hub for it."""
-    p = os.path.expanduser(str(name_or_path))
+    p = model_path(name_or_path)
     looks_local = os.path.isabs(p) or p.startswith((".", "~")) or p.count("/") > 1  # hub names are "org/name"
     if looks_local and not os.path.isdir(p):
         raise UserError(f"model path {name_or_path} does not exist")
@@ -89,7 +117,7 @@ def load_config(name_or_path: str):
 
     _check_location(name_or_path)
     try:
-        return AutoConfig.from_pretrained(os.path.expanduser(str(name_or_path)))
+        return AutoConfig.from_pretrained(model_path(name_or_path))
     except (OSError, ValueError) as e:
         raise load_error(name_or_path, e) from None
 
@@ -102,7 +130,7 @@ def load_tokenizer(name_or_path: str):
     from transformers import AutoTokenizer
 
     _check_location(name_or_path)
-    path = os.path.expanduser(str(name_or_path))
+    path = model_path(name_or_path)
     if os.path.isdir(path) and not any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES):
         raise UserError(f"model folder {name_or_path} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); "
                         f"save the tokenizer next to the model (tokenizer.save_pretrained)")
@@ -147,7 +175,7 @@ def load_backbone(name_or_path: str, device=None, dtype: str = "auto", attn_impl
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tokenizer = load_tokenizer(name_or_path)
-    path = os.path.expanduser(str(name_or_path))
+    path = model_path(name_or_path)
     config = load_config(name_or_path)
     torch_dtype = getattr(torch, compute_dtype(dtype, device.type))
     if attn_implementation is None:
@@ -167,7 +195,7 @@ def load_backbone(name_or_path: str, device=None, dtype: str = "auto", attn_impl
 def default_pooling(config, name_or_path: str | None = None) -> str:
     """sentence-transformers' own pooling when the folder has one, cls for encoders, else last token."""
     name_or_path = name_or_path or getattr(config, "_name_or_path", "")
-    st_pooling = Path(os.path.expanduser(str(name_or_path))) / "1_Pooling" / "config.json"
+    st_pooling = Path(model_path(name_or_path)) / "1_Pooling" / "config.json"
     if st_pooling.is_file():
         st = json.loads(st_pooling.read_text())
         for key, mode in (("pooling_mode_lasttoken", "last"), ("pooling_mode_cls_token", "cls"),

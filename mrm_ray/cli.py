@@ -143,6 +143,28 @@ def _train(o) -> None:
           placement=set(overrides) & set(config_mod.PLACEMENT_KEYS))
 
 
+def _finetune_args(p) -> None:
+    p.add_argument("--pairs", required=True, help="pairs table URI (mrm prepare / mrm synth --kind text)")
+    p.add_argument("--out", required=True, help="fine-tuning directory URI; the backbone goes to <out>/model; "
+                                                "an unfinished one there is continued")
+    p.add_argument("--model", default="auto",
+                   help="backbone to fine-tune (name or path); auto = the packaged all-MiniLM-L6-v2 on CPU, "
+                        "Skywork-Reward-V2-Llama-3.1-8B with use_gpu=true")
+    p.add_argument("--config", help="YAML config file (keys of mrm_ray.core.finetune.FinetuneConfig)")
+    p.add_argument("--overwrite", action="store_true", help="start afresh over a previous fine-tuning at --out")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="config overrides, e.g. epochs=6 top_layers=0 num_workers=2 zero_stage=3")
+
+
+def _finetune(o) -> None:
+    from mrm_ray.finetune import finetune, load_config
+    summary = finetune(o.pairs, o.out, o.model, load_config(o.config, _overrides(o.overrides)), o.overwrite)
+    kept = [h for h in summary["history"] if h["kept"]][-1]
+    print(f"fine-tuned {summary['model']} for {len(summary['history'])} epoch(s) in {summary['seconds']:.0f}s; "
+          f"kept epoch {kept['epoch']} (validation accuracy {kept['val_accuracy'] or float('nan'):.4f}); "
+          f"backbone: {o.out.rstrip('/')}/model")
+
+
 def _evaluate_args(p) -> None:
     p.add_argument("--run", required=True, help="run directory written by mrm train")
     p.add_argument("--embeddings", required=True, help="embeddings table to evaluate (train pairs adapt, test pairs score)")
@@ -285,6 +307,8 @@ COMMANDS = {
     "synth": ("mrm_ray.synth", "write a synthetic user population with known ground truth", _synth_args, _synth),
     "prepare": ("mrm_ray.prepare", "convert PRISM or Reddit TL;DR files into the pairs table", _prepare_args,
                 _prepare),
+    "finetune": ("mrm_ray.finetune", "fine-tune the backbone's top blocks for personalization (Ray Train, DeepSpeed)",
+                 _finetune_args, _finetune),
     "embed": ("mrm_ray.embed", "embed preference pairs with a frozen reward model (Ray Data)", _embed_args, _embed),
     "train": ("mrm_ray.train", "meta-train MRM (+RPO) on an embeddings table (Ray Train)", _train_args, _train),
     "evaluate": ("mrm_ray.evaluate", "adapt every user on its train pairs, score its test pairs", _evaluate_args,

@@ -12,7 +12,9 @@ if [ ! -f "$stamp" ]; then
   # torch first and pinned: a CPU wheel of exactly this version is what pip finds on
   # CPU machines; letting a dependency pull torch would fetch several GB of CUDA.
   .venv/bin/python -m pip install -q "torch==2.13.0"
-  .venv/bin/python -m pip install -q -e ".[$extras]"
+  # DeepSpeed (extras dev, finetune, gpu) builds from source: without its compiled ops it is pure Python and
+  # installs in seconds; ZeRO needs none of them (GPU images that want fused Adam build it themselves).
+  DS_BUILD_OPS="${DS_BUILD_OPS:-0}" .venv/bin/python -m pip install -q -e ".[$extras]"
   .venv/bin/python -c "import mrm_ray, torch, ray" # fail here, not later, if the install broke
   touch "$stamp"
 fi
