@@ -11,8 +11,9 @@
    users' pairs and test pairs never enter fine-tuning.
 2. Ray Train workers (TorchTrainer; DeepSpeed ZeRO over gloo on CPU, NCCL on GPU) each read their
    buckets.  A step's global batch is the pairs whose hash falls in that step's slot this epoch, so 1
-   worker or N take the same steps.  The validation carve of `mrm train` is held out and scored after
-   every epoch; the backbone of the best epoch so far goes to `<out>/model/`.
+   worker or N take the same steps (exactly so with dropout=false).  The validation carve of
+   `mrm train` is held out and scored after every epoch; the backbone of the best epoch so far goes to
+   `<out>/model/`.
 3. A checkpoint (DeepSpeed's, every rank's part) after every epoch under `<out>/checkpoints/`: a worker
    that dies restarts from it, and re-running the command continues the run.
 
@@ -151,7 +152,8 @@ def finetune_worker(config: dict) -> None:
     model, tok = load_backbone(config["model"], device=device, dtype="bfloat16" if cfg.use_gpu else "float32")
     enc = PairEncoder(model, tok, max_length=cfg.max_length)
     select_trainable(enc.base, cfg.top_layers)
-    # Dropout stays off (eval mode, gradients on): the same steps on 1 worker or N, and on a resume.
+    # With dropout off (eval mode, gradients on), 1 worker or N take the same steps, and so does a resume.
+    enc.base.train(cfg.dropout)
     torch.manual_seed(cfg.seed)
     factors = UserFactors(model.config.get_text_config().hidden_size, users.num_rows, cfg.rank, cfg.seed).to(device)
 
@@ -211,6 +213,7 @@ def finetune_worker(config: dict) -> None:
             step_loss, step_right = total(loss.item() * count / world, right if len(rows) else 0)
             state["steps"].append(step_loss / count)
             loss_sum, correct = loss_sum + step_loss, correct + step_right
+        enc.base.eval()
         with torch.no_grad():
             most = torch.tensor([math.ceil(len(val_rows) / cfg.batch_pairs)], device=device)
             dist.all_reduce(most, op=dist.ReduceOp.MAX)
@@ -220,6 +223,7 @@ def finetune_worker(config: dict) -> None:
                 loss, right = engine(rows if len(rows) else spare, 1.0 if len(rows) else 0.0)
                 v_loss, v_right = v_loss + loss.item(), v_right + (right if len(rows) else 0)
             v_loss, v_right = total(v_loss, v_right)
+        enc.base.train(cfg.dropout)
         record = {"epoch": epoch + 1, "train_loss": loss_sum / max(n_train, 1), "train_accuracy": correct / max(n_train, 1),
                   "val_loss": v_loss / n_val if n_val else None, "val_accuracy": v_right / n_val if n_val else None,
                   "seconds": round(time.time() - t0, 1)}

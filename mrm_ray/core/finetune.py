@@ -39,6 +39,8 @@ class FinetuneConfig:
     head_lr: float = 1e-2          # P and the per-user weights
     rank: int = 8                  # K, the number of shared directions
     top_layers: int = 2            # transformer blocks trained, counted from the top; 0 = all (full fine-tuning)
+    dropout: bool = True           # the backbone's own dropout while training (measured: it is what makes fine-tuning
+                                   # help unseen users); off, 1 and N workers take exactly the same steps
     max_length: int = 512          # tokens per text (longer ones keep their end, as in `mrm embed`)
     zero_stage: int = 2            # DeepSpeed ZeRO stage (0-3); 3 shards the parameters too (8B backbones)
     num_workers: int = 1
