@@ -197,8 +197,8 @@ def finetune_worker(config: dict) -> None:
     n_steps = max(1, math.ceil(n_train / cfg.batch_pairs))
     # Every rank runs the same number of forward passes (ZeRO-3 gathers parameters inside them); a rank
     # with no rows in a step runs one row at weight 0.
-    spare = np.array([0]) if len(data["user"]) else None
-    t0 = time.time()
+    spare = np.array([0])
+    t0 = last = time.time()
     for epoch in range(len(state["history"]), cfg.epochs):
         slot = splits.epoch_slots(data["hash"][train_rows], n_steps, cfg.seed, epoch)
         loss_sum = correct = 0.0
@@ -213,6 +213,10 @@ def finetune_worker(config: dict) -> None:
             step_loss, step_right = total(loss.item() * count / world, right if len(rows) else 0)
             state["steps"].append(step_loss / count)
             loss_sum, correct = loss_sum + step_loss, correct + step_right
+            if rank == 0 and time.time() - last >= 30:   # progress inside long epochs
+                last = time.time()
+                log.info("finetune epoch %d/%d: step %d/%d, loss %.4f (%.0f s)", epoch + 1, cfg.epochs, step + 1,
+                         n_steps, step_loss / count, last - t0)
         enc.base.eval()
         with torch.no_grad():
             most = torch.tensor([math.ceil(len(val_rows) / cfg.batch_pairs)], device=device)
