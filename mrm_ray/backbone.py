@@ -91,10 +91,17 @@ def model_path(name_or_path: str) -> str:
         raise UserError(f"model path {name_or_path} does not exist")
     version = hashlib.sha1(repr(sorted((f.path, f.size, str(f.mtime)) for f in files)).encode()).hexdigest()[:16]
     local = Path(os.path.expanduser(os.environ.get("MRM_MODEL_CACHE", "~/.cache/mrm-ray/models"))) / version
-    if not (local / ".complete").exists():
-        local.mkdir(parents=True, exist_ok=True)
-        pafs.copy_files(path, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-        (local / ".complete").touch()
+    if not local.exists():   # copy aside, then one rename: replicas on one node never see half a model
+        import shutil
+        import uuid
+
+        staging = local.with_name(f".{version}-{uuid.uuid4().hex[:8]}")
+        staging.mkdir(parents=True)
+        pafs.copy_files(path, str(staging), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        try:
+            staging.rename(local)
+        except OSError:      # another process got there first
+            shutil.rmtree(staging, ignore_errors=True)
     return str(local)
 
 
