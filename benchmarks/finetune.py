@@ -1,12 +1,14 @@
 """Does fine-tuning the backbone help UNSEEN users?  Frozen vs fine-tuned backbone, the rest of the chain the same.
 
     python benchmarks/finetune.py                       # the demo's text population, all-MiniLM-L6-v2 on CPU
+    python benchmarks/finetune.py --kind text-hard      # attributes the frozen encoder does not carry linearly
     python benchmarks/finetune.py --users 400 top_layers=0 epochs=6
 
 For each backbone: `mrm embed` -> `mrm train` (the defaults, one process) -> `mrm evaluate`; the fine-tuned
 one is `mrm finetune` on the same pairs table first (seen users' train pairs only).  Prints unseen and seen
 users' accuracy, the shared Bradley-Terry baseline, the paired difference over unseen users with its 95 %
-interval, and how long fine-tuning took.
+interval, and how long fine-tuning took; then how linearly visible each response attribute is in each
+backbone's embedding: a ridge probe fitted on half the users' responses, its accuracy on the other half's.
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -26,6 +30,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 from mrm_ray import config as config_mod  # noqa: E402
 from mrm_ray.core.metrics import paired  # noqa: E402
+from mrm_ray.data import contract as C  # noqa: E402
 from mrm_ray.data import runs, storage  # noqa: E402
 
 
@@ -40,9 +45,27 @@ def chain(pairs: str, work: str, model: str) -> tuple[dict, object]:
     return metrics, storage.read_table(storage.join(run.uri, runs.PER_USER)).to_pandas().set_index("user_id")
 
 
+def probe(emb_uri: str, attributes: list[str]) -> list[float]:
+    """Per attribute: accuracy of a linear (ridge) probe from a response's embedding to its 0/1 attribute,
+    fitted on the responses of users with an even index, measured on the others' (chance is about 0.5)."""
+    cols = [C.USER_ID, C.PAIR_ID, C.CHOSEN_EMB, C.REJECTED_EMB]
+    emb = storage.read_table(emb_uri, columns=cols).to_pandas().set_index(C.PAIR_ID)
+    truth = storage.read_table(storage.join(emb_uri, "_truth_pairs")).to_pandas().set_index(C.PAIR_ID)
+    truth = truth.loc[emb.index]
+    x = np.concatenate([np.stack(emb[C.CHOSEN_EMB].to_numpy()), np.stack(emb[C.REJECTED_EMB].to_numpy())])
+    y = np.concatenate([np.stack(truth["chosen_attrs"].to_numpy()), np.stack(truth["rejected_attrs"].to_numpy())])
+    user = np.tile(emb[C.USER_ID].str.slice(4).astype(int).to_numpy(), 2)
+    x = np.hstack([x - x.mean(0), np.ones((len(x), 1))])
+    fit, held = user % 2 == 0, user % 2 == 1
+    w = np.linalg.solve(x[fit].T @ x[fit] + 1.0 * np.eye(x.shape[1]), x[fit].T @ (2.0 * y[fit] - 1))
+    return [float(((x[held] @ w[:, j] > 0) == (y[held, j] > 0)).mean()) for j in range(len(attributes))]
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--users", type=int, default=200, help="users of the text population (16 pairs each, as the demo)")
+    p.add_argument("--kind", choices=("text", "text-hard"), default="text",
+                   help="the demo's text population, or the one whose attributes are not linear in the frozen embedding")
     p.add_argument("--workdir", default=None, help="where the tables and runs go (default: a temp folder)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="mrm finetune config overrides")
     args = p.parse_args()
@@ -53,14 +76,16 @@ def main():
 
     work = args.workdir or tempfile.mkdtemp(prefix="mrm-finetune-bench-")
     pairs = work + "/pairs"
-    synth(pairs, kind="text", users=args.users, pairs_per_user=16, seed=0, overwrite=True)
+    population = synth(pairs, kind=args.kind, users=args.users, pairs_per_user=16, seed=0, overwrite=True)
+    oracle = population["oracle_test_accuracy"]
     cfg = load_config(overrides=args.overrides)
     t0 = time.time()
     summary = finetune(pairs, work + "/ft", "auto", cfg, overwrite=True)
     ft_seconds = time.time() - t0
     results = {"frozen": chain(pairs, work + "/frozen", default_cpu_model()),
                "fine-tuned": chain(pairs, work + "/tuned", work + "/ft/model")}
-    print(f"\ntext population: {args.users} users x 16 pairs; fine-tuning: {len(summary['history'])} epochs, "
+    print(f"\n{args.kind} population: {args.users} users x 16 pairs (the users' true weights: {oracle:.4f} on test "
+          f"pairs); fine-tuning: {len(summary['history'])} epochs, "
           f"top_layers={cfg.top_layers}, {ft_seconds:.0f} s on {os.cpu_count()} CPU cores (Ray start-up included)")
     print(f"{'backbone':12s} {'unseen':>8s} {'seen':>8s} {'shared BT (unseen)':>20s}")
     for name, (m, _) in results.items():
@@ -71,6 +96,11 @@ def main():
     d = paired(a.loc[unseen, "accuracy"].to_numpy(), b.loc[a.index[unseen], "accuracy"].to_numpy())
     print(f"unseen users, fine-tuned - frozen: {100 * d['mean']:+.1f} points "
           f"[{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}] (95 %, paired over {d['users']} users)")
+    attributes = storage.read_json(storage.join(pairs, "_truth.json"))["attributes"]
+    print("linear probe accuracy per response attribute (held-out users; 0.5 = not visible):")
+    print(f"{'backbone':12s} " + " ".join(f"{a:>14s}" for a in attributes))
+    for name, sub in (("frozen", "frozen"), ("fine-tuned", "tuned")):
+        print(f"{name:12s} " + " ".join(f"{v:14.3f}" for v in probe(f"{work}/{sub}/emb", attributes)))
 
 
 if __name__ == "__main__":

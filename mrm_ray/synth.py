@@ -173,14 +173,15 @@ def synth(out: str, users: int | None = None, pairs_per_user: int = 20, kind: st
     """Write a synthetic population to `out`; returns its summary.
 
     kind embedding: an embeddings table (train on it directly); text: a pairs
-    table for `mrm embed`.  population: one of the quality zoo (mrm_ray.zoo)
+    table for `mrm embed`; text-hard: the same over attributes a frozen encoder
+    does not carry linearly (mrm_ray.synth_text).  population: one of the quality zoo (mrm_ray.zoo)
     instead; users/dim then change its size only when given.
     """
     from mrm_ray.errors import UserError
     if (users is not None and users < 1) or pairs_per_user < 1 or (dim is not None and dim < 4):
         raise UserError("--users and --pairs-per-user must be >= 1 and --dim >= 4")
-    if kind not in ("embedding", "text"):
-        raise UserError("--kind must be embedding or text")
+    if kind not in ("embedding", "text", "text-hard"):
+        raise UserError("--kind must be embedding, text or text-hard")
     storage.check_output(out, "synth", overwrite=overwrite)   # before any work
     if population is not None:
         from mrm_ray import zoo
@@ -190,9 +191,9 @@ def synth(out: str, users: int | None = None, pairs_per_user: int = 20, kind: st
         return {"population": population, "users": g.spec.users, "pairs": len(g.user), "dim": g.spec.dim,
                 "out": out}
     users = 2000 if users is None else users
-    if kind == "text":
+    if kind.startswith("text"):
         from mrm_ray.synth_text import write_text_population
         return write_text_population(out, users=users, pairs_per_user=pairs_per_user, seed=seed,
-                                     overwrite=overwrite)
+                                     overwrite=overwrite, kind=kind)
     return write_embedding_population(out, users, pairs_per_user, 64 if dim is None else dim, seed,
                                       dtype=dtype, overwrite=overwrite)

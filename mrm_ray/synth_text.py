@@ -1,4 +1,4 @@
-"""A synthetic text population with known ground truth (`mrm synth --kind text`).
+"""Synthetic text populations with known ground truth (`mrm synth --kind text|text-hard`).
 
 Every response to a prompt is written from five binary style attributes:
 
@@ -17,6 +17,16 @@ features, so a small sentence encoder (all-MiniLM-L6-v2) embeds them in
 linearly separable directions: the MRM model (linear heads on the embedding)
 can learn them.  Labels are sampled Bradley-Terry style,
 P(a preferred over b) = sigmoid(beta * w_u . (a - b)).
+
+`--kind text-hard` is the same kind of population over attributes a frozen
+mean-pooled encoder does NOT carry linearly (HARD_ATTRIBUTES): each request
+asks, in a formal or a casual voice, for a brief or a thorough answer, and a
+user may care whether the response gives the length asked for, answers in the
+request's voice, and keeps one register from its opener to its body.  Each is
+a relation (an XOR of two features that are drawn at random), so a linear head
+on a frozen embedding sees little of it; only `polite` (a closing line) is a
+plain surface feature.  benchmarks/finetune.py --kind text-hard measures how
+visible each attribute is (a linear probe) before and after `mrm finetune`.
 
 Written under `out` (one atomic commit):
   part-00000.parquet          the pairs table (contract columns; split train/test 50/50 per user)
@@ -149,30 +159,80 @@ def render_response(topic: str, attrs, rng: np.random.Generator) -> str:
     return body
 
 
-def sample_users(n: int, rng: np.random.Generator, n_types: int = len(TYPES), personal: float = 0.3):
+def sample_users(n: int, rng: np.random.Generator, n_types: int = len(TYPES), personal: float = 0.3,
+                 types: dict = TYPES):
     """(type index per user, true weights (n, K)): prototype of the type + personal noise."""
-    names = list(TYPES)[:n_types]
-    shares = np.array([TYPES[t][0] for t in names])
+    names = list(types)[:n_types]
+    shares = np.array([types[t][0] for t in names])
     kind = rng.choice(len(names), size=n, p=shares / shares.sum())
-    protos = np.array([TYPES[t][1] for t in names])
-    return kind, protos[kind] + personal * rng.standard_normal((n, len(ATTRIBUTES)))
+    protos = np.array([types[t][1] for t in names])
+    return kind, protos[kind] + personal * rng.standard_normal((n, protos.shape[1]))
+
+
+# --- the hard population --------------------------------------------------------------------------
+# Each attribute but `polite` is a relation: between the request and the response, or between two parts
+# of the response.  Either side alone is drawn at random, so no direction of a (near-additive) frozen
+# embedding tells a response that has the attribute from one that has not.
+HARD_ATTRIBUTES = ("polite", "follows_length", "mirrors_tone", "consistent")
+HARD_TYPES = {
+    "literal":  (0.35, [0.3, 1.4, 0.2, 0.4]),     # does what was asked
+    "mirror":   (0.30, [0.0, 0.3, 1.4, 0.6]),     # wants to be answered in their own tone
+    "stickler": (0.25, [0.6, 0.2, -0.4, 1.4]),    # one register throughout
+    "contrary": (0.10, [-0.8, -1.0, 0.6, -0.4]),  # the minority
+}
+# the request's register x the length it asks for
+_REQUEST = {(True, True): "Could you please advise me? {q} A thorough answer would be appreciated.",
+            (True, False): "Could you please advise me? {q} A brief answer would be appreciated.",
+            (False, True): "hey, quick q: {q} go into detail pls",
+            (False, False): "hey, quick q: {q} keep it short pls"}
+
+
+def render_hard_prompt(topic: str, rng: np.random.Generator) -> tuple[str, tuple[bool, bool]]:
+    """A request about TOPICS[topic] in a random register asking for a random length: (text, (formal, long))."""
+    formal, wants_long = bool(rng.integers(2)), bool(rng.integers(2))
+    return _REQUEST[formal, wants_long].format(q=TOPICS[topic][0]), (formal, wants_long)
+
+
+def render_hard_response(topic: str, attrs, rng: np.random.Generator, request: tuple[bool, bool]) -> str:
+    """The text of one response to a render_hard_prompt request with the given 0/1 HARD_ATTRIBUTES:
+    follows_length gives the length asked for (4 points or 2), mirrors_tone answers in the request's
+    register, consistent opens (and closes) in the register of the body, polite adds the closer."""
+    polite, follows_length, mirrors_tone, consistent = (bool(a) for a in attrs)
+    asked_formal, asked_long = request
+    body_formal = asked_formal == mirrors_tone
+    opener_formal = body_formal == consistent
+    points = TOPICS[topic][1]
+    chosen = rng.permutation(len(points))[: 4 if asked_long == follows_length else 2]
+    templates = _FORMAL if body_formal else _CASUAL
+    items = [templates[k % len(templates)].format(p=points[i][0]) for k, i in enumerate(chosen)]
+    return " ".join([_OPENER[opener_formal], *items, *([_CLOSER[opener_formal]] if polite else [])])
+
+
+def _plain_prompt(topic: str, rng: np.random.Generator) -> tuple[str, None]:
+    return TOPICS[topic][0], None
+
+
+# name -> (attributes, types, render the prompt -> (text, context), render a response given the context)
+SCHEMES = {"text": (ATTRIBUTES, TYPES, _plain_prompt, lambda topic, attrs, rng, _: render_response(topic, attrs, rng)),
+           "text-hard": (HARD_ATTRIBUTES, HARD_TYPES, render_hard_prompt, render_hard_response)}
 
 
 def _attribute_pair(w: np.ndarray, rng: np.random.Generator, min_margin: float):
     """Two attribute vectors whose true utilities differ by at least min_margin (clear-cut pairs)."""
     for _ in range(100):
-        a, b = rng.integers(0, 2, (2, len(ATTRIBUTES)))
+        a, b = rng.integers(0, 2, (2, len(w)))
         if abs(float(w @ (a - b))) >= min_margin:
             return a, b
     return a, b  # a user with ~zero weights: every pair is a coin flip anyway
 
 
 def generate(users: int, pairs_per_user: int, seed: int = 0, n_types: int = len(TYPES), beta: float = 3.0,
-             personal: float = 0.3, min_margin: float = 0.3):
+             personal: float = 0.3, min_margin: float = 0.3, kind: str = "text"):
     """(pairs rows, per-user truth rows, per-pair truth rows) as lists of dicts; same seed, same output."""
+    attributes, types, render_prompt, render = SCHEMES[kind]
     rng = np.random.default_rng(seed)
-    kind, weights = sample_users(users, rng, n_types, personal)
-    names, topics = list(TYPES), list(TOPICS)
+    user_type, weights = sample_users(users, rng, n_types, personal, types)
+    names, topics = list(types), list(TOPICS)
     pairs, user_truth, pair_truth = [], [], []
     n_train = (pairs_per_user + 1) // 2
     for u in range(users):
@@ -181,20 +241,21 @@ def generate(users: int, pairs_per_user: int, seed: int = 0, n_types: int = len(
         for j in range(pairs_per_user):
             topic = topics[rng.integers(len(topics))]
             a, b = _attribute_pair(w, rng, min_margin)
-            text_a, text_b = render_response(topic, a, rng), render_response(topic, b, rng)
+            prompt, context = render_prompt(topic, rng)
+            text_a, text_b = render(topic, a, rng, context), render(topic, b, rng, context)
             margin = float(w @ (a - b))
             a_wins = rng.random() < 1.0 / (1.0 + np.exp(-beta * margin))
             (ch, ca), (rj, ra) = ((text_a, a), (text_b, b)) if a_wins else ((text_b, b), (text_a, a))
             pid, split = f"{uid}-{j:04d}", C.TRAIN if j < n_train else C.TEST
             pairs.append({C.USER_ID: uid, C.PAIR_ID: pid, C.CONV_ID: pid, C.SPLIT: split,
-                          C.PROMPT: [{"role": "user", "content": TOPICS[topic][0]}], C.CHOSEN: ch, C.REJECTED: rj})
+                          C.PROMPT: [{"role": "user", "content": prompt}], C.CHOSEN: ch, C.REJECTED: rj})
             agrees = (margin > 0) == a_wins
             pair_truth.append({C.USER_ID: uid, C.PAIR_ID: pid, "chosen_attrs": ca.tolist(),
                                "rejected_attrs": ra.tolist(), "oracle_margin": abs(margin) * (1 if agrees else -1),
                                "label_agrees": agrees})
             if split == C.TEST:
                 agree_test.append(agrees)
-        user_truth.append({C.USER_ID: uid, "type": names[kind[u]], "weights": w.astype(np.float32).tolist(),
+        user_truth.append({C.USER_ID: uid, "type": names[user_type[u]], "weights": w.astype(np.float32).tolist(),
                            "pairs": pairs_per_user,
                            "oracle_test_accuracy": float(np.mean(agree_test)) if agree_test else 1.0})
     return pairs, user_truth, pair_truth
@@ -202,10 +263,11 @@ def generate(users: int, pairs_per_user: int, seed: int = 0, n_types: int = len(
 
 def write_text_population(out_uri: str, users: int = 200, pairs_per_user: int = 20, seed: int = 0,
                           n_types: int = len(TYPES), beta: float = 3.0, personal: float = 0.3,
-                          min_margin: float = 0.3, overwrite: bool = False) -> dict:
+                          min_margin: float = 0.3, overwrite: bool = False, kind: str = "text") -> dict:
     """Write the pairs table and its ground truth under out_uri (atomically); return a summary."""
-    pairs, user_truth, pair_truth = generate(users, pairs_per_user, seed, n_types, beta, personal, min_margin)
-    k = len(ATTRIBUTES)
+    pairs, user_truth, pair_truth = generate(users, pairs_per_user, seed, n_types, beta, personal, min_margin, kind)
+    attributes, types = SCHEMES[kind][:2]
+    k = len(attributes)
     pairs_table = C.normalize_pairs(pa.Table.from_pylist(pairs, schema=pa.schema([
         (C.USER_ID, pa.string()), (C.PAIR_ID, pa.string()), (C.CONV_ID, pa.string()), (C.SPLIT, pa.string()),
         (C.PROMPT, C.PROMPT_TYPE), (C.CHOSEN, pa.string()), (C.REJECTED, pa.string())])))
@@ -215,8 +277,8 @@ def write_text_population(out_uri: str, users: int = 200, pairs_per_user: int = 
     pairs_truth = pa.Table.from_pylist(pair_truth, schema=pa.schema([
         (C.USER_ID, pa.string()), (C.PAIR_ID, pa.string()), ("chosen_attrs", pa.list_(pa.int8(), k)),
         ("rejected_attrs", pa.list_(pa.int8(), k)), ("oracle_margin", pa.float32()), ("label_agrees", pa.bool_())]))
-    meta = {"kind": "text", "attributes": list(ATTRIBUTES),
-            "types": {t: {"share": s, "prototype": p} for t, (s, p) in list(TYPES.items())[:n_types]},
+    meta = {"kind": kind, "attributes": list(attributes),
+            "types": {t: {"share": s, "prototype": p} for t, (s, p) in list(types.items())[:n_types]},
             "users": users, "pairs_per_user": pairs_per_user, "seed": seed, "beta": beta, "personal": personal,
             "min_margin": min_margin}
     with storage.atomic_output(out_uri, "synth", overwrite=overwrite) as staging:
@@ -228,5 +290,5 @@ def write_text_population(out_uri: str, users: int = 200, pairs_per_user: int = 
         with fs.open_output_stream(f"{path}/_truth.json") as f:
             f.write((json.dumps(meta, indent=2) + "\n").encode())
     oracle = float(np.mean([u["oracle_test_accuracy"] for u in user_truth])) if user_truth else 0.0
-    return {"users": users, "pairs": len(pairs), "kind": "text", "oracle_test_accuracy": round(oracle, 4),
+    return {"users": users, "pairs": len(pairs), "kind": kind, "oracle_test_accuracy": round(oracle, 4),
             "out": out_uri}

@@ -129,3 +129,35 @@ def test_cli_synth_kind_text(tmp_path, capsys):
     out = str(tmp_path / "cli")
     assert cli.main(["synth", "--kind", "text", "--out", out, "--users", "5", "--pairs-per-user", "4"]) == 0
     assert C.normalize_pairs(storage.read_table(out)).num_rows == 20
+
+
+def _read_hard(prompt: str, text: str) -> list[int]:
+    """HARD_ATTRIBUTES read back from a request and a response (an independent parser of the rendered text)."""
+    asked_formal, asked_long = prompt.startswith("Could you"), ("thorough" in prompt or "detail" in prompt)
+    opener_formal = text.startswith("Thank you for your question.")
+    body_formal = "advisable" in text or "recommend that you" in text
+    long = len(re.findall(r"advisable|recommend that you|important to|Just |gotta|Also,", text)) == 4
+    polite = text.endswith(("further questions.", "good luck!"))
+    return [int(polite), int(long == asked_long), int(body_formal == asked_formal), int(opener_formal == body_formal)]
+
+
+def test_text_hard_attributes_are_relations_written_as_the_truth_says(tmp_path):
+    """Known answer: each pair's attributes parse back from its request and texts exactly, and each relation
+    attribute is independent of the one side a frozen embedding sees best (its body's register, its length)."""
+    out = str(tmp_path / "hard")
+    summary = S.write_text_population(out, users=40, pairs_per_user=16, seed=5, kind="text-hard")
+    assert summary["kind"] == "text-hard" and storage.read_json(f"{out}/_truth.json")["attributes"] == list(
+        S.HARD_ATTRIBUTES)
+    pairs = {p[C.PAIR_ID]: p for p in storage.read_table(out).to_pylist()}
+    truth = storage.read_table(f"{out}/_truth_pairs").to_pylist()
+    body_formal, mirrors = [], []
+    for t in truth:
+        p = pairs[t[C.PAIR_ID]]
+        request = p[C.PROMPT][0]["content"]
+        assert _read_hard(request, p[C.CHOSEN]) == t["chosen_attrs"]
+        assert _read_hard(request, p[C.REJECTED]) == t["rejected_attrs"]
+        body_formal.append("advisable" in p[C.CHOSEN] or "recommend that you" in p[C.CHOSEN])
+        mirrors.append(t["chosen_attrs"][2])
+    body_formal, mirrors = np.array(body_formal), np.array(mirrors, bool)
+    # a formal body is as common among responses that mirror the request's voice as among those that do not
+    assert abs(body_formal[mirrors].mean() - body_formal[~mirrors].mean()) < 0.12
