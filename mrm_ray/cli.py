@@ -291,11 +291,14 @@ def _demo_args(p) -> None:
     p.add_argument("--workers", type=int, default=2, help="Ray Train workers")
     p.add_argument("--epochs", type=int, help="meta-training epochs (default: the config's)")
     p.add_argument("--model", help="backbone (default: the packaged all-MiniLM-L6-v2)")
+    p.add_argument("--finetune", action="store_true",
+                   help="also fine-tune the backbone (mrm finetune, its defaults; needs the finetune extra) and run "
+                        "embed -> train -> evaluate again on it; the summary holds both backbones' accuracies")
 
 
 def _demo(o) -> None:
     from mrm_ray.demo import demo
-    print(json.dumps(demo(o.workdir, o.users, o.pairs_per_user, o.workers, o.epochs, o.model), indent=2))
+    print(json.dumps(demo(o.workdir, o.users, o.pairs_per_user, o.workers, o.epochs, o.model, o.finetune), indent=2))
 
 
 def _overrides(items) -> dict:

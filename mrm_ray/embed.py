@@ -76,6 +76,11 @@ class EmbedActor:
                  grouped: bool = False):
         import torch
 
+        if device == "cuda" and not torch.cuda.is_available():
+            # a node that advertises a GPU Ray resource without a usable CUDA device (a custom resource
+            # set by hand, the test's fake GPU nodes): run, on its CPU, rather than fail the stage
+            log.warning("embedding replica: a GPU was assigned but CUDA is not available here; using the CPU")
+            device = "cpu"
         if device == "cpu":
             # Ray pins OMP_NUM_THREADS to the actor's (fractional) CPU reservation; share the node's
             # cores among the replicas instead.
@@ -235,8 +240,9 @@ def embed(pairs: str, out: str, model: str = "auto", pooling: str = "auto", dtyp
     raytools.ensure_ray(address)
     cluster_gpus = float(ray.cluster_resources().get("GPU", 0))
     num_gpus = num_gpus if num_gpus is not None else (1.0 if cluster_gpus else 0.0)
-    raytools.require_resources(num_cpus + 0.5, num_gpus, f"one embedding replica ({num_cpus:g} CPU, "
-                               f"{num_gpus:g} GPU) plus 0.5 CPU for reading")
+    raytools.require_resources([{"CPU": num_cpus, "GPU": num_gpus}, {"CPU": 0.5}], f"one embedding replica "
+                               f"({num_cpus:g} CPU, {num_gpus:g} GPU) plus 0.5 CPU for reading")
+    cluster_gpus = float(ray.cluster_resources().get("GPU", 0))   # an autoscaler may have added some
     actors = actors or (max(1, int(cluster_gpus // num_gpus)) if num_gpus else 1)
     model = model if model != "auto" else DEFAULT_GPU_MODEL if num_gpus else default_cpu_model()
     tokenizer = load_tokenizer(model)
@@ -262,7 +268,11 @@ def embed(pairs: str, out: str, model: str = "auto", pooling: str = "auto", dtyp
         # Every pair of one conversation in one partition (sorted, so the partition is one block and a
         # replica sees it whole: Ray's own map_groups relies on the same): whole-table dedup, not per batch.
         ds = ds.repartition(max(1, -(-total_rows // PAIRS_PER_PARTITION)), keys=[_CONV_KEY], sort=True)
-    ds = (ds.map_batches(EmbedActor, batch_format="numpy", batch_size=None if dedup else batch_rows,
+    # A grouped batch is a whole partition (batch_size None).  Ray Data refuses None for GPU actors, so on
+    # GPUs a batch holds up to two average partitions: a bigger one is cut in two, and each piece is still
+    # embedded exactly (sharing is an optimisation; only less of it happens across the cut).
+    grouped_rows = None if not num_gpus else 2 * PAIRS_PER_PARTITION
+    ds = (ds.map_batches(EmbedActor, batch_format="numpy", batch_size=grouped_rows if dedup else batch_rows,
                          compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
                          num_gpus=num_gpus, num_cpus=num_cpus,
                          fn_constructor_kwargs=dict(

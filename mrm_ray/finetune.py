@@ -116,13 +116,37 @@ def worker_pairs(out: str, users: pa.Table, cfg: FinetuneConfig, buckets: list[i
 
 
 # --- 2. the workers -----------------------------------------------------------------------------------
+def offload_problem() -> str | None:
+    """Why ZeRO-Offload cannot run here, or None.  It steps the optimizer with DeepSpeed's cpu_adam op, which
+    a `DS_BUILD_OPS=0` install does not contain: DeepSpeed then builds it on first use, which needs a C++
+    compiler and ninja.  (Checked on the driver; the cluster's workers run the same image.)"""
+    import shutil
+
+    from deepspeed.git_version_info import installed_ops
+    from deepspeed.ops.op_builder import CPUAdamBuilder
+
+    if installed_ops.get("cpu_adam"):
+        return None
+    missing = [tool for tool in ("c++", "ninja") if shutil.which(tool) is None]
+    if not missing and CPUAdamBuilder().is_compatible(verbose=False):
+        return None
+    return ("offload=cpu needs DeepSpeed's cpu_adam op: this DeepSpeed was installed without its ops and cannot "
+            f"build it here (no {' or '.join(missing) or 'compatible toolchain'}); reinstall with "
+            "DS_BUILD_CPU_ADAM=1 pip install deepspeed, or set offload=none")
+
+
 def ds_config(cfg: FinetuneConfig, world: int) -> dict:
     """DeepSpeed's config: AdamW, ZeRO `zero_stage`, bf16 on GPU (fp32 on CPU).  The loss passed to
     backward is already the global batch's mean (finetune_worker), so the micro batch size DeepSpeed
     is told is nominal."""
+    zero = {"stage": cfg.zero_stage}
+    if cfg.offload == "cpu":
+        zero["offload_optimizer"] = {"device": "cpu"}
+        if cfg.zero_stage == 3:
+            zero["offload_param"] = {"device": "cpu"}
     return {"train_micro_batch_size_per_gpu": 1, "train_batch_size": world, "gradient_accumulation_steps": 1,
             "optimizer": {"type": "AdamW", "params": {"lr": cfg.lr, "weight_decay": 0.0}},
-            "zero_optimization": {"stage": cfg.zero_stage}, "bf16": {"enabled": cfg.use_gpu},
+            "zero_optimization": zero, "bf16": {"enabled": cfg.use_gpu},
             "steps_per_print": 10 ** 9, "wall_clock_breakdown": False}
 
 
@@ -308,6 +332,8 @@ def finetune(pairs: str, out: str, model: str = "auto", cfg: FinetuneConfig | No
     cfg = cfg or FinetuneConfig()
     if importlib.util.find_spec("deepspeed") is None:
         raise UserError("mrm finetune needs DeepSpeed: DS_BUILD_OPS=0 pip install 'mrm-ray[finetune]'")
+    if cfg.offload != "none" and (problem := offload_problem()):
+        raise UserError(problem)
     pairs, out = storage.absolute(pairs), storage.absolute(out)
     if model == "auto":
         model = DEFAULT_GPU_MODEL if cfg.use_gpu else default_cpu_model()
@@ -338,9 +364,7 @@ def finetune(pairs: str, out: str, model: str = "auto", cfg: FinetuneConfig | No
     log.info("finetune: %d seen users, %d train pairs (validation carve included) in %s", users.num_rows,
              int(pc.sum(users.column("train_pairs")).as_py()), storage.join(out, DATA))
     raytools.ensure_ray()
-    raytools.require_resources(cfg.num_workers * cfg.cpus_per_worker, cfg.num_workers if cfg.use_gpu else 0,
-                               f"{cfg.num_workers} fine-tuning worker(s) x {cfg.cpus_per_worker:g} CPU"
-                               f"{' and 1 GPU' if cfg.use_gpu else ''}")
+    raytools.require_workers(cfg.num_workers, cfg.cpus_per_worker, cfg.use_gpu, "fine-tuning worker")
     ckpt_fs, ckpt_path = storage.resolve(storage.join(out, CHECKPOINTS))
     ckpt_fs.create_dir(ckpt_path, recursive=True)
     trainer = ray.train.torch.TorchTrainer(

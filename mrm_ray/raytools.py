@@ -1,8 +1,9 @@
 """The thin Ray glue every Ray stage shares: one way to connect, to wait for resources, to unwrap errors.
 
     ensure_ray(address)              connect (address, else RAY_ADDRESS, else a new local cluster)
-    require_resources(cpu, gpu, ...) fail at once when a cluster that cannot grow is too small; on a
-                                     cluster that can, wait (bounded, with progress) for the autoscaler
+    require_resources(bundles, what) fail at once when a cluster that cannot grow is too small; on a
+                                     cluster that can, ask the autoscaler for the bundles and wait
+                                     (bounded, saying for which node types) until they are there
 
 A failure inside a task, actor or UDF comes back wrapped by Ray:
 mrm_ray.errors.unwrap finds our one-line error inside it.
@@ -40,16 +41,48 @@ def ensure_ray(address: str | None = None) -> None:
     _started_here = address is None
 
 
+def _autoscaler_report() -> dict | None:
+    """What the head's autoscaler last published to the GCS (its launches, node types), or None."""
+    import json
+
+    from ray._private import ray_constants
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    raw = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
+    return json.loads(raw).get("autoscaler_report") if raw else None
+
+
 def can_grow() -> bool:
-    """Can the connected cluster add nodes?  Only when an autoscaler runs: it publishes the cluster's
-    node types to the GCS (a local cluster, or `ray start` without an autoscaling config, has none)."""
+    """Can the connected cluster add nodes?  Only when its autoscaler has node types to launch: autoscaler v2
+    publishes them to the GCS; v1 publishes a report whose node types, on a cluster started without an
+    autoscaling config (`ray start`, a local cluster), are only the "readonly" mirrors of its nodes."""
     if _started_here:
         return False
     try:
         from ray._private import state
-        return state.state.get_cluster_config() is not None
+        from ray.autoscaler._private.util import format_readonly_node_type
+        if state.state.get_cluster_config() is not None:
+            return True
+        report = _autoscaler_report()
     except Exception:  # noqa: BLE001 - an unknown cluster: assume it may grow, and bound the wait
         return True
+    if report is None:
+        return True
+    mapping = report.get("node_type_mapping") or {}
+    return not mapping or any(t != format_readonly_node_type(n) for n, t in mapping.items())
+
+
+def launching() -> str:
+    """The node types the autoscaler is launching now ("gpu_embed x1"), or ""."""
+    try:
+        report = _autoscaler_report() or {}
+    except Exception:  # noqa: BLE001 - progress text only
+        return ""
+    counts = dict(report.get("pending_launches") or {})
+    for node in report.get("pending_nodes") or []:   # [ip, node type, status]
+        if isinstance(node, (list, tuple)) and len(node) > 1:
+            counts[node[1]] = counts.get(node[1], 0) + 1
+    return ", ".join(f"{t} x{n}" for t, n in counts.items())
 
 
 def _have(kind: str) -> float:
@@ -57,8 +90,35 @@ def _have(kind: str) -> float:
     return float(ray.cluster_resources().get(kind, 0.0))
 
 
-def require_resources(cpus: float, gpus: float, what: str, timeout: float | None = None) -> None:
-    """Refuse or wait: `what` (e.g. "2 Ray Train workers x 1 CPU") needs `cpus` CPUs and `gpus` GPUs."""
+def require_workers(num_workers: int, cpus_per_worker: float, use_gpu: bool, noun: str) -> None:
+    """require_resources for a Ray Train worker group: one {CPU, GPU} bundle per worker."""
+    bundle = {"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    require_resources([bundle] * num_workers, f"{num_workers} {noun}(s) x {cpus_per_worker:g} CPU"
+                                              f"{' and 1 GPU' if use_gpu else ''}")
+
+
+def node_types_for(bundle: dict) -> list[str]:
+    """The autoscaler's node types whose nodes can hold `bundle`, as "name (max N)"; [] when unknown."""
+    try:
+        from ray._private import state
+        config = state.state.get_cluster_config()
+    except Exception:  # noqa: BLE001 - no autoscaler to ask
+        return []
+    if config is None:
+        return []
+    return [f"{g.name} (max {g.max_count})" for g in config.node_group_configs
+            if g.max_count > 0 and all(g.resources.get(k, 0) >= v for k, v in bundle.items() if v > 0)]
+
+
+def require_resources(bundles: list[dict], what: str, timeout: float | None = None) -> None:
+    """Refuse or wait: `what` (e.g. "2 Ray Train workers x 1 CPU") needs every bundle ({"CPU": 1, "GPU": 1}
+    per worker).  A cluster that cannot grow and is too small: one line at once.  One that can: the
+    bundles are handed to the autoscaler as demand (`request_resources`, so it launches the node types that
+    fit them even before any task asks), and the wait says what it waits for and gives up with one line
+    after `timeout` seconds (MRM_RESOURCE_TIMEOUT, default 600)."""
+    cpus = sum(float(b.get("CPU", 0)) for b in bundles)
+    gpus = sum(float(b.get("GPU", 0)) for b in bundles)
+
     def short() -> str | None:
         have_cpu, have_gpu = _have("CPU"), _have("GPU")
         if cpus > have_cpu or gpus > have_gpu:
@@ -69,15 +129,28 @@ def require_resources(cpus: float, gpus: float, what: str, timeout: float | None
         return
     if not can_grow():
         raise ResourceError(f"{missing}, and it cannot grow (a fixed local cluster); ask for less")
+    from ray.autoscaler.sdk import request_resources
+
     timeout = float(os.environ.get(WAIT_ENV, DEFAULT_WAIT)) if timeout is None else timeout
-    t0, last = time.time(), 0.0
-    while missing is not None:
-        waited = time.time() - t0
-        if waited >= timeout:
-            raise ResourceError(f"{missing} after waiting {waited:.0f}s for the autoscaler "
-                                f"({WAIT_ENV}={timeout:g}); ask for less or check the cluster's node types")
-        if waited - last >= 10 or last == 0:
-            log.info("waiting for the autoscaler: %s (%.0fs of %.0fs)", missing, waited, timeout)
-            last = waited or 1e-9
-        time.sleep(1.0)
-        missing = short()
+    biggest = max(bundles, key=lambda b: (b.get("GPU", 0), b.get("CPU", 0)))
+    types = node_types_for(biggest)
+    if not types and node_types_for({}):   # the autoscaler knows its node types, and none fits
+        raise ResourceError(f"{missing}, and no node type of this cluster fits {biggest}; ask for less")
+    request_resources(bundles=[{k: float(v) for k, v in b.items() if v} for b in bundles])
+    t0, last, said = time.time(), -1e9, None
+    try:
+        while missing is not None:
+            waited = time.time() - t0
+            if waited >= timeout:
+                raise ResourceError(f"{missing} after waiting {waited:.0f}s for the autoscaler "
+                                    f"({WAIT_ENV}={timeout:g}); ask for less or check the cluster's node types")
+            now = launching()
+            plan = f"launching {now}" if now else "node types that fit: " + (" or ".join(types) or "not published")
+            if waited - last >= 10 or plan != said:   # every 10 s, and whenever the autoscaler's plan changes
+                log.info("waiting for the autoscaler (%s): %s (%.0fs of %.0fs)", plan, missing, waited, timeout)
+                last, said = waited, plan
+            time.sleep(1.0)
+            missing = short()
+        log.info("%s: the cluster grew in %.0fs", what, time.time() - t0)
+    finally:
+        request_resources(bundles=[])   # the stage's own tasks hold the nodes from here; idle ones may go

@@ -302,7 +302,7 @@ def score(run: runs.Run, support: str, candidates: str, out: str, support_split:
     storage.check_output(out, "score", [run.uri, support, candidates], overwrite)
     check_inputs(run, support, candidates)   # before starting Ray
     raytools.ensure_ray(address)
-    raytools.require_resources(1, 0, "mrm score's tasks (1 CPU each)")
+    raytools.require_resources([{"CPU": 1}], "mrm score's tasks (1 CPU each)")
     return _score(run, support, candidates, out, support_split, partitions, steps, overwrite)
 
 

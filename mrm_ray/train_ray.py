@@ -166,9 +166,7 @@ def check_cluster(cfg: config_mod.TrainConfig, address: str | None = None) -> No
 
 def _check_resources(cfg: config_mod.TrainConfig) -> None:
     """Before Ray Train waits: the worker group fits, or an autoscaler will make it fit."""
-    raytools.require_resources(cfg.num_workers * cfg.cpus_per_worker, cfg.num_workers if cfg.use_gpu else 0,
-                               f"{cfg.num_workers} Ray Train worker(s) x {cfg.cpus_per_worker:g} CPU"
-                               f"{' and 1 GPU' if cfg.use_gpu else ''}")
+    raytools.require_workers(cfg.num_workers, cfg.cpus_per_worker, cfg.use_gpu, "Ray Train worker")
 
 
 _INTERRUPTED = threading.Event()

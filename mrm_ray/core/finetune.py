@@ -43,6 +43,8 @@ class FinetuneConfig:
                                    # help unseen users); off, 1 and N workers take exactly the same steps
     max_length: int = 512          # tokens per text (longer ones keep their end, as in `mrm embed`)
     zero_stage: int = 2            # DeepSpeed ZeRO stage (0-3); 3 shards the parameters too (8B backbones)
+    offload: str = "none"          # "cpu": ZeRO-Offload, optimizer states (and at stage 3 the parameters) in host
+                                   # memory; needs DeepSpeed's cpu_adam op (built in, or a compiler to build it)
     num_workers: int = 1
     cpus_per_worker: float = 1.0
     use_gpu: bool = False
@@ -56,6 +58,8 @@ def check(cfg: FinetuneConfig) -> list[str]:
              (cfg.lr > 0 and cfg.head_lr > 0, "lr and head_lr must be > 0"), (cfg.rank >= 1, "rank must be >= 1"),
              (cfg.top_layers >= 0, "top_layers must be >= 0 (0 = all)"),
              (cfg.zero_stage in (0, 1, 2, 3), "zero_stage must be 0, 1, 2 or 3"),
+             (cfg.offload in ("none", "cpu"), "offload must be none or cpu"),
+             (cfg.offload == "none" or cfg.zero_stage >= 1, "offload=cpu needs zero_stage 1, 2 or 3"),
              (0 < cfg.seen_ratio < 1, "seen_ratio must be in (0, 1)"), (0 <= cfg.val_ratio < 1, "val_ratio must be in [0, 1)"),
              (cfg.num_workers >= 1, "num_workers must be >= 1"), (cfg.max_length >= 8, "max_length must be >= 8"),
              (cfg.buckets >= 1, "buckets must be >= 1")]

@@ -109,6 +109,18 @@ def test_bad_input_is_one_line_and_leaves_nothing_complete(setup, ray_local, tmp
     one_line_error(capsys, rc, "zero_stage")
 
 
+def test_offload_without_the_ops_is_one_line(setup, tmp_path, capsys, monkeypatch):
+    """ZeRO-Offload on a DeepSpeed installed without its ops, on a machine that cannot build them (no compiler
+    or ninja on PATH): refused before anything starts, one line naming the fix."""
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
+    rc = cli.main(["finetune", "--pairs", setup["pairs"], "--out", str(tmp_path / "o"), "--model", setup["model"],
+                   "offload=cpu", "zero_stage=3"])
+    one_line_error(capsys, rc, "cpu_adam")
+    assert not (tmp_path / "o").exists()
+    rc = cli.main(["finetune", "--pairs", setup["pairs"], "--out", str(tmp_path / "o"), "offload=cpu", "zero_stage=0"])
+    one_line_error(capsys, rc, "zero_stage 1, 2 or 3")
+
+
 def test_a_model_folder_on_s3_loads_like_the_local_one(setup, s3_bucket, tmp_path, monkeypatch):
     """`mrm finetune --out s3://...` leaves <out>/model on S3: the loaders fetch it once and load it."""
     import pyarrow.fs as pafs
@@ -125,3 +137,20 @@ def test_a_model_folder_on_s3_loads_like_the_local_one(setup, s3_bucket, tmp_pat
     local_model, _ = load_backbone(setup["model"], device="cpu", dtype="float32")
     for (name, a), b in zip(remote_model.named_parameters(), local_model.parameters()):
         assert torch.equal(a, b), name
+
+
+def test_demo_finetune_runs_the_chain_on_both_backbones(setup, ray_local, tmp_path):
+    """`mrm demo --finetune`: the frozen chain, then finetune -> embed -> train -> evaluate on the fine-tuned
+    backbone; the summary reports both, and the second embedding came from the fine-tuned model."""
+    from mrm_ray.demo import demo
+
+    summary = demo(str(tmp_path / "d"), users=16, pairs_per_user=8, workers=1, epochs=1, model=setup["model"],
+                   finetune=True)
+    tuned = summary["finetuned"]
+    assert tuned["epochs"] == 4 and tuned["finetune_seconds"] > 0 and 0 <= tuned["unseen_accuracy"] <= 1
+    frozen = storage.read_table(summary["embeddings"], columns=[C.PAIR_ID, C.CHOSEN_EMB]).sort_by(C.PAIR_ID)
+    again = storage.read_table(summary["embeddings-finetuned"], columns=[C.PAIR_ID, C.CHOSEN_EMB]).sort_by(C.PAIR_ID)
+    assert frozen.column(C.PAIR_ID).equals(again.column(C.PAIR_ID))
+    assert not np.allclose(np.stack(frozen.column(C.CHOSEN_EMB).to_numpy(zero_copy_only=False)),
+                           np.stack(again.column(C.CHOSEN_EMB).to_numpy(zero_copy_only=False)))
+    assert storage.read_json(str(tmp_path / "d" / "summary.json"))["finetuned"] == tuned
