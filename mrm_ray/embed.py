@@ -188,7 +188,11 @@ def _log_progress(progress, total_rows: int, stop: threading.Event, every: float
 
     t0 = time.time()
     while not stop.wait(every):
-        t = ray.get(progress.get.remote())
+        try:
+            t = ray.get(progress.get.remote())
+        except ray.exceptions.RayError:   # progress is a report, never a reason to fail the stage
+            log.warning("embedding progress is unavailable (its actor's node was lost); the stage goes on")
+            return
         dt = max(time.time() - t0, 1e-9)
         log.info("embedded %d/%d pairs: %.1f pairs/s, %.0f tokens/s computed (%s)", t["rows"], total_rows,
                  t["rows"] / dt, t["tokens"] / dt, _saving(t))
@@ -259,7 +263,10 @@ def embed(pairs: str, out: str, model: str = "auto", pooling: str = "auto", dtyp
              "%d %s replica(s)", total_rows, model, pooling, compute, is_rm and pooling == "last",
              bool(tokenizer.chat_template), dedup, actors, "GPU" if num_gpus else "CPU")
 
-    progress = ray.remote(num_cpus=0)(_Progress).remote()
+    # on the driver's node: a zero-CPU actor could land on a worker node and be lost with it
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    progress = ray.remote(num_cpus=0)(_Progress).options(scheduling_strategy=here).remote()
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # same input -> same output rows in the same order
     ds = (ray.data.read_parquet(files, filesystem=in_fs)

@@ -23,10 +23,11 @@ mean-pooled encoder does NOT carry linearly (HARD_ATTRIBUTES): each request
 asks, in a formal or a casual voice, for a brief or a thorough answer, and a
 user may care whether the response gives the length asked for, answers in the
 request's voice, and keeps one register from its opener to its body.  Each is
-a relation (an XOR of two features that are drawn at random), so a linear head
-on a frozen embedding sees little of it; only `polite` (a closing line) is a
-plain surface feature.  benchmarks/finetune.py --kind text-hard measures how
-visible each attribute is (a linear probe) before and after `mrm finetune`.
+a relation (an XOR of two features that are drawn at random); only `polite` (a
+closing line) is a plain surface feature.  benchmarks/finetune.py --kind
+text-hard measures how visible each attribute is (a linear probe) before and
+after `mrm finetune`: on all-MiniLM-L6-v2, follows_length and consistent
+barely (0.53, 0.71), mirrors_tone well (0.94, attention mixes the voices).
 
 Written under `out` (one atomic commit):
   part-00000.parquet          the pairs table (contract columns; split train/test 50/50 per user)

@@ -122,12 +122,14 @@ class FakeCluster:
         # the worker "nodes" the autoscaler launched, and anything else of THIS cluster
         subprocess.run(["pkill", "-9", "-f", self.temp], check=False)
 
-    def worker_nodes(self) -> dict[str, int]:
-        """Alive worker nodes per node type (from the GCS; the head excluded)."""
-        import ray
-        counts: dict[str, int] = {}
-        for n in ray.nodes():
-            kind = n.get("Labels", {}).get("ray.io/node-group") or n.get("NodeName")
-            if n["Alive"] and not n["Resources"].get("node:__internal_head__"):
-                counts[kind] = counts.get(kind, 0) + 1
-        return counts
+    def kill_node(self, resource: str) -> int:
+        """Lose a node: SIGKILL the raylet of one worker node of this cluster that offers `resource` (e.g. "GPU");
+        its workers die with it.  Returns the raylet's pid."""
+        out = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True,
+                             env={**os.environ, "COLUMNS": "100000"}).stdout
+        for line in out.splitlines():
+            pid, _, args = line.strip().partition(" ")
+            if "raylet/raylet " in args and self.temp in args and "--head" not in args and f"{resource}," in args:
+                os.kill(int(pid), signal.SIGKILL)
+                return int(pid)
+        raise LookupError(f"no worker node with {resource} to kill")

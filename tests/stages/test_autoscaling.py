@@ -134,3 +134,45 @@ def test_waiting_is_bounded_and_says_for_what(cluster, tmp_path):
     assert "waiting for the autoscaler (launching gpu_embed" in res.stderr
     assert not (tmp_path / "b" / "state.json").exists()
     wait_for(lambda: active(cluster) == {}, IDLE_S + 60)
+
+
+def test_embed_survives_losing_its_gpu_node(cluster, tmp_path):
+    """Kill the GPU node (its raylet) while `mrm embed` runs on it: the autoscaler replaces it, Ray Data
+    retries the lost work, and the table equals an uninterrupted run's."""
+    import subprocess as sp
+
+    from mrm_ray.synth import synth
+
+    model = tiny_reward_model(tmp_path / "model")
+    synth(str(tmp_path / "pairs"), kind="text", users=300, pairs_per_user=8, seed=1)
+    args = ["embed", "--pairs", str(tmp_path / "pairs"), "--model", model, "--num-gpus", "1", "--dtype", "float32",
+            "--no-dedup", "--batch-rows", "64"]
+    env = {**cluster.env, "RAY_ADDRESS": cluster.address}
+    t0 = time.time()
+    proc = sp.Popen([sys.executable, "-m", "mrm_ray.cli", *args, "--out", str(tmp_path / "lost")], cwd=ROOT,
+                    env=env, stdout=sp.PIPE, stderr=sp.STDOUT, text=True)
+    log = []
+    for line in proc.stdout:   # the replica is placed once the autoscaler has launched the GPU node
+        log.append(line)
+        if "the cluster grew" in line:
+            break
+    time.sleep(3)   # the replica loads the model and starts on its first blocks
+    assert proc.poll() is None, "".join(log)[-3000:]
+    cluster.kill_node("GPU")
+    killed_at = time.time() - t0
+    log += proc.stdout.readlines()
+    assert proc.wait(600) == 0, "".join(log)[-3000:]
+    lost_s = time.time() - t0
+    wait_for(lambda: active(cluster) == {}, IDLE_S + 90)
+    t0 = time.time()
+    res = mrm(cluster, *args, "--out", str(tmp_path / "whole"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    whole_s = time.time() - t0
+    print(f"\nembed losing its GPU node at {killed_at:.0f}s: {lost_s:.0f}s; uninterrupted: {whole_s:.0f}s")
+    a = storage.read_table(str(tmp_path / "lost")).sort_by(C.PAIR_ID)
+    b = storage.read_table(str(tmp_path / "whole")).sort_by(C.PAIR_ID)
+    assert a.column(C.PAIR_ID).equals(b.column(C.PAIR_ID)) and a.num_rows == 2400
+    for col in (C.CHOSEN_EMB, C.REJECTED_EMB):
+        np.testing.assert_allclose(np.stack(a.column(col).to_numpy(zero_copy_only=False)),
+                                   np.stack(b.column(col).to_numpy(zero_copy_only=False)), atol=1e-5)
+    wait_for(lambda: active(cluster) == {}, IDLE_S + 60)
