@@ -263,10 +263,8 @@ def embed(pairs: str, out: str, model: str = "auto", pooling: str = "auto", dtyp
              "%d %s replica(s)", total_rows, model, pooling, compute, is_rm and pooling == "last",
              bool(tokenizer.chat_template), dedup, actors, "GPU" if num_gpus else "CPU")
 
-    # on the driver's node: a zero-CPU actor could land on a worker node and be lost with it
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-    progress = ray.remote(num_cpus=0)(_Progress).options(scheduling_strategy=here).remote()
+    # on the head: a zero-CPU actor could land on a worker node and be lost with it
+    progress = ray.remote(num_cpus=0)(_Progress).options(resources={"node:__internal_head__": 0.001}).remote()
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # same input -> same output rows in the same order
     ds = (ray.data.read_parquet(files, filesystem=in_fs)
@@ -306,7 +304,10 @@ def embed(pairs: str, out: str, model: str = "auto", pooling: str = "auto", dtyp
             _copy_truth(pairs, staging)
     finally:
         stop.set()
-    t = ray.get(progress.get.remote())
+    try:
+        t = ray.get(progress.get.remote())
+    except ray.exceptions.RayError:   # the table is complete; only the counts of its making are lost
+        t = {**dict.fromkeys(_Progress.FIELDS, 0), "rows": total_rows}
     dt = time.time() - t0
     log.info("wrote %d pairs to %s in %.1fs (%.1f pairs/s, %.0f tokens/s computed); %s; %d distinct texts of %d, "
              "%d truncated to %d tokens; %d conversations whose texts shared no prefix", t["rows"], out, dt,

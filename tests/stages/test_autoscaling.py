@@ -176,3 +176,4 @@ def test_embed_survives_losing_its_gpu_node(cluster, tmp_path):
         np.testing.assert_allclose(np.stack(a.column(col).to_numpy(zero_copy_only=False)),
                                    np.stack(b.column(col).to_numpy(zero_copy_only=False)), atol=1e-5)
     wait_for(lambda: active(cluster) == {}, IDLE_S + 60)
+
