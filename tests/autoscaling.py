@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,14 +21,10 @@ from pathlib import Path
 
 import yaml
 
+from helpers import free_port, stop_head
+
 BIN = Path(sys.executable).parent
 HEAD_TYPE = "ray.head.default"   # the fake provider's fixed name for the head's type
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def node_types_from_yaml(path: Path) -> tuple[str, dict]:
@@ -81,7 +76,7 @@ class FakeCluster:
 
     def __init__(self, config: dict):
         self.temp = f"/tmp/rayfake-{uuid.uuid4().hex[:6]}"
-        self.port, self.dashboard = _free_port(), _free_port()
+        self.port, self.dashboard = free_port(), free_port()
         self.address = f"127.0.0.1:{self.port}"
         config = json.loads(json.dumps(config))
         config["provider"]["gcs_address"] = self.address
@@ -98,8 +93,8 @@ class FakeCluster:
             [str(BIN / "ray"), "start", "--head", "--block", f"--autoscaling-config={self.config_path}",
              f"--port={self.port}", "--num-cpus=0", "--node-ip-address=127.0.0.1", f"--temp-dir={self.temp}",
              "--include-dashboard=true", f"--dashboard-port={self.dashboard}", "--dashboard-host=127.0.0.1",
-             "--disable-usage-stats", f"--ray-client-server-port={_free_port()}",
-             f"--dashboard-agent-listen-port={_free_port()}", f"--metrics-export-port={_free_port()}"],
+             "--disable-usage-stats", f"--ray-client-server-port={free_port()}",
+             f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}"],
             env=self.env, stdout=open(f"{self.temp}/head.log", "w"), stderr=subprocess.STDOUT,
             start_new_session=True)
         deadline = time.time() + 90
@@ -113,14 +108,8 @@ class FakeCluster:
         raise RuntimeError("the fake cluster's head did not come up in 90 s")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-        # the worker "nodes" the autoscaler launched, and anything else of THIS cluster
-        subprocess.run(["pkill", "-9", "-f", self.temp], check=False)
+        if self.proc is not None:   # with the worker "nodes" the autoscaler launched
+            stop_head(self.proc, self.temp)
 
     def kill_node(self, resource: str) -> int:
         """Lose a node: SIGKILL the raylet of one worker node of this cluster that offers `resource` (e.g. "GPU");

@@ -7,10 +7,11 @@ on 127.0.0.1, which pyarrow, s3fs, Ray Data and Ray Train all talk to.
 from __future__ import annotations
 
 import os
-import socket
 import uuid
 
 import pytest
+
+from helpers import free_port
 
 os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -37,18 +38,12 @@ def ray_local(s3_server):
     ray.shutdown()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def s3_server():
     """moto's S3 server on loopback; sets the AWS_* variables that mrm_ray.data.storage reads."""
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
     env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",

@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import signal
+import socket
+import subprocess
 from pathlib import Path
 
 DIM = 8
@@ -24,3 +28,21 @@ def digest(path: Path) -> str:
         if p.is_file():
             h.update(p.read_bytes())
     return h.hexdigest()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_head(proc: subprocess.Popen, temp: str) -> None:
+    """Stop a `ray start --head --block` this test started (its process group), then anything left of THAT
+    cluster (its temp dir is in every command line): `ray stop` would stop every Ray on the machine."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+    subprocess.run(["pkill", "-9", "-f", temp], check=False)

@@ -10,6 +10,7 @@ Timings go to the log (`-s`) and are quoted in cluster/OPERATIONS.md.
 """
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -96,7 +97,9 @@ def test_embed_scales_the_gpu_type_from_zero_and_back(cluster, tmp_path):
     assert "CUDA is not available here; using the CPU" in res.stderr + "".join(
         p.read_text(errors="replace") for p in Path(cluster.temp).glob("session_latest/logs/worker-*.err"))
     down_s = wait_for(lambda: active(cluster) == {}, IDLE_S + 60)
-    print(f"\nembed on a GPU node type scaled from 0: stage {stage_s:.0f}s; back to 0 nodes {down_s:.0f}s after it")
+    grew = re.search(r"the cluster grew in (\d+)s", res.stderr).group(1)
+    print(f"\nembed on a GPU node type scaled from 0: nodes there in {grew}s, stage {stage_s:.0f}s; "
+          f"back to 0 nodes {down_s:.0f}s after it")
     # the output is what the backbone computes in-process
     pairs = storage.read_table(str(tmp_path / "pairs")).sort_by(C.PAIR_ID).to_pylist()
     emb = storage.read_table(str(tmp_path / "emb")).sort_by(C.PAIR_ID)
@@ -139,8 +142,6 @@ def test_waiting_is_bounded_and_says_for_what(cluster, tmp_path):
 def test_embed_survives_losing_its_gpu_node(cluster, tmp_path):
     """Kill the GPU node (its raylet) while `mrm embed` runs on it: the autoscaler replaces it, Ray Data
     retries the lost work, and the table equals an uninterrupted run's."""
-    import subprocess as sp
-
     from mrm_ray.synth import synth
 
     model = tiny_reward_model(tmp_path / "model")
@@ -149,8 +150,8 @@ def test_embed_survives_losing_its_gpu_node(cluster, tmp_path):
             "--no-dedup", "--batch-rows", "64"]
     env = {**cluster.env, "RAY_ADDRESS": cluster.address}
     t0 = time.time()
-    proc = sp.Popen([sys.executable, "-m", "mrm_ray.cli", *args, "--out", str(tmp_path / "lost")], cwd=ROOT,
-                    env=env, stdout=sp.PIPE, stderr=sp.STDOUT, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "mrm_ray.cli", *args, "--out", str(tmp_path / "lost")], cwd=ROOT,
+                    env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log = []
     for line in proc.stdout:   # the replica is placed once the autoscaler has launched the GPU node
         log.append(line)

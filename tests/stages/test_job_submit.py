@@ -8,8 +8,6 @@ process group, then any process still naming its temp dir).
 """
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,14 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from helpers import free_port, stop_head
+
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -51,13 +45,7 @@ def head_node():
     else:
         pytest.fail("the head node's job server did not come up in 90 s")
     yield address, env
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-    # anything left that belongs to THIS cluster (its temp dir is in every command line)
-    subprocess.run(["pkill", "-9", "-f", temp], check=False)
+    stop_head(proc, temp)
 
 
 def test_submit_small_pipeline_job(head_node, tmp_path):
