@@ -113,9 +113,17 @@ def node_types_for(bundle: dict) -> list[str]:
 def require_resources(bundles: list[dict], what: str, timeout: float | None = None) -> None:
     """Refuse or wait: `what` (e.g. "2 Ray Train workers x 1 CPU") needs every bundle ({"CPU": 1, "GPU": 1}
     per worker).  A cluster that cannot grow and is too small: one line at once.  One that can: the
-    bundles are handed to the autoscaler as demand (`request_resources`, so it launches the node types that
-    fit them even before any task asks), and the wait says what it waits for and gives up with one line
-    after `timeout` seconds (MRM_RESOURCE_TIMEOUT, default 600)."""
+    bundles become a placement group, demand the autoscaler launches the node types that fit for even before
+    any task asks, and the wait says what it waits for and gives up with one line after `timeout` seconds
+    (MRM_RESOURCE_TIMEOUT, default 600).  The group is removed once placed: the stage's own tasks hold the
+    nodes from there.
+
+    Not `ray.autoscaler.sdk.request_resources`: that is one cluster-wide slot, and Ray Data's coordinator
+    actor (detached, left by any earlier Ray Data job) overwrites it every 20 s with its own requests,
+    so a request made there could vanish before the autoscaler acted on it and the stage wait in vain."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
     cpus = sum(float(b.get("CPU", 0)) for b in bundles)
     gpus = sum(float(b.get("GPU", 0)) for b in bundles)
 
@@ -129,28 +137,27 @@ def require_resources(bundles: list[dict], what: str, timeout: float | None = No
         return
     if not can_grow():
         raise ResourceError(f"{missing}, and it cannot grow (a fixed local cluster); ask for less")
-    from ray.autoscaler.sdk import request_resources
 
     timeout = float(os.environ.get(WAIT_ENV, DEFAULT_WAIT)) if timeout is None else timeout
     biggest = max(bundles, key=lambda b: (b.get("GPU", 0), b.get("CPU", 0)))
     types = node_types_for(biggest)
     if not types and node_types_for({}):   # the autoscaler knows its node types, and none fits
         raise ResourceError(f"{missing}, and no node type of this cluster fits {biggest}; ask for less")
-    request_resources(bundles=[{k: float(v) for k, v in b.items() if v} for b in bundles])
+    demand = [{k: float(v) for k, v in b.items() if v} for b in bundles]
+    pg = placement_group([b for b in demand if b], strategy="PACK")   # PACK: as few nodes as fit
     t0, last, said = time.time(), -1e9, None
     try:
-        while missing is not None:
+        while not ray.wait([pg.ready()], timeout=1.0)[0]:
             waited = time.time() - t0
             if waited >= timeout:
-                raise ResourceError(f"{missing} after waiting {waited:.0f}s for the autoscaler "
+                raise ResourceError(f"{short() or missing} after waiting {waited:.0f}s for the autoscaler "
                                     f"({WAIT_ENV}={timeout:g}); ask for less or check the cluster's node types")
             now = launching()
             plan = f"launching {now}" if now else "node types that fit: " + (" or ".join(types) or "not published")
             if waited - last >= 10 or plan != said:   # every 10 s, and whenever the autoscaler's plan changes
-                log.info("waiting for the autoscaler (%s): %s (%.0fs of %.0fs)", plan, missing, waited, timeout)
+                log.info("waiting for the autoscaler (%s): %s (%.0fs of %.0fs)", plan, short() or missing, waited,
+                         timeout)
                 last, said = waited, plan
-            time.sleep(1.0)
-            missing = short()
         log.info("%s: the cluster grew in %.0fs", what, time.time() - t0)
     finally:
-        request_resources(bundles=[])   # the stage's own tasks hold the nodes from here; idle ones may go
+        remove_placement_group(pg)
