@@ -267,6 +267,9 @@ def embed(pairs: str, out: str, model: str = "auto", pooling: str = "auto", dtyp
     progress = ray.remote(num_cpus=0)(_Progress).options(resources={"node:__internal_head__": 0.001}).remote()
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # same input -> same output rows in the same order
+    # Ray Data's v2 Parquet reader reads footers in plain actors (no restarts): a node lost while they run
+    # fails the stage.  The v1 reader's tasks are retried like every other task.
+    ctx.use_datasource_v2 = False
     ds = (ray.data.read_parquet(files, filesystem=in_fs)
           .map_batches(_validate_batch, batch_format="pyarrow", batch_size=batch_rows))
     if dedup:
