@@ -111,14 +111,20 @@ class FakeCluster:
         if self.proc is not None:   # with the worker "nodes" the autoscaler launched
             stop_head(self.proc, self.temp)
 
-    def kill_node(self, resource: str) -> int:
-        """Lose a node: SIGKILL the raylet of one worker node of this cluster that offers `resource` (e.g. "GPU");
-        its workers die with it.  Returns the raylet's pid."""
+    def kill_node(self, node_type: str) -> int:
+        """Lose a node: SIGKILL the raylet of one running worker node of `node_type` in this cluster (the fake
+        provider names the type in the raylet's environment); its workers die with it.  Returns its pid."""
         out = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True,
                              env={**os.environ, "COLUMNS": "100000"}).stdout
         for line in out.splitlines():
             pid, _, args = line.strip().partition(" ")
-            if "raylet/raylet " in args and self.temp in args and "--head" not in args and f"{resource}," in args:
+            if "raylet/raylet " not in args or self.temp not in args:
+                continue
+            try:
+                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            except OSError:   # gone meanwhile
+                continue
+            if f"RAY_NODE_TYPE_NAME={node_type}".encode() in environ:
                 os.kill(int(pid), signal.SIGKILL)
                 return int(pid)
-        raise LookupError(f"no worker node with {resource} to kill")
+        raise LookupError(f"no running {node_type} node to kill")

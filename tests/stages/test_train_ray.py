@@ -31,6 +31,7 @@ from mrm_ray.data import contract as C
 from mrm_ray.data import runs, shards, storage
 from mrm_ray.errors import UserError
 from mrm_ray.synth import write_embedding_population
+from helpers import assert_continued, assert_heads_close, registered_checkpoint
 
 EPOCHS = 6
 # 2 workers x 0.5 CPU leave one of the 2 CPUs free for the driver.
@@ -40,12 +41,6 @@ RAY_ARGS = [f"epochs={EPOCHS}", "num_workers=2", "cpus_per_worker=0.5"]
 def mrm_train(emb, run, *overrides, local=False) -> int:
     return cli.main(["train", "--embeddings", str(emb), "--out", str(run), *(["--local"] if local else []),
                      *RAY_ARGS, *overrides])
-
-
-def assert_heads_close(a: dict, b: dict, atol: float = 1e-5) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k].cpu(), b[k].cpu(), atol=atol, rtol=0, msg=k)
 
 
 def write_population(uri: str) -> None:
@@ -235,16 +230,6 @@ def train_worker_pids() -> list[int]:
     return sorted(pids)
 
 
-def registered_checkpoint(run: str) -> str | None:
-    """The latest checkpoint Ray Train has registered (the one a restart resumes from)."""
-    base = storage.join(run, "checkpoints", train_ray.RUN_NAME)
-    try:
-        snap = storage.read_json(storage.join(base, "checkpoint_manager_snapshot.json"))
-        return storage.join(base, snap["latest_checkpoint_result"]["checkpoint_dir_name"])
-    except (storage.StorageError, OSError, ValueError, KeyError, TypeError):  # not written yet, or being written
-        return None
-
-
 @contextmanager
 def kill_a_worker(run, after_epoch: int, timeout: float = 400):
     """In the background: once a checkpoint of epoch >= after_epoch is registered, SIGKILL a train worker.
@@ -280,16 +265,6 @@ def kill_a_worker(run, after_epoch: int, timeout: float = 400):
     finally:
         stop.set()
         th.join(timeout=10)
-
-
-def assert_continued(final, killed: dict, expected) -> None:
-    """The run finished all epochs, kept the records of the checkpoint it resumed from, and ended where
-    an uninterrupted run ends."""
-    n = len(killed["history"])
-    assert [h["epoch"] for h in final.history] == [h["epoch"] for h in expected.history]
-    assert final.history[:n] == killed["history"]  # same timings too: restored, not recomputed
-    assert abs(final.history[-1]["val_accuracy"] - expected.history[-1]["val_accuracy"]) < 1e-4
-    assert_heads_close(final.head, expected.head)
 
 
 def test_worker_killed_mid_run_recovers(population, single_process, tmp_path):
