@@ -179,7 +179,8 @@ def finetune_worker(config: dict) -> None:
     # With dropout off (eval mode, gradients on), 1 worker or N take the same steps, and so does a resume.
     enc.base.train(cfg.dropout)
     torch.manual_seed(cfg.seed)
-    factors = UserFactors(model.config.get_text_config().hidden_size, users.num_rows, cfg.rank, cfg.seed).to(device)
+    factors = UserFactors(model.config.get_text_config().hidden_size, users.num_rows, cfg.rank, cfg.seed,
+                          cfg.shared).to(device)
 
     class Tuner(torch.nn.Module):
         """The trained parts in one module, the way DeepSpeed wants them."""

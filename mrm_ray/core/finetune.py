@@ -38,6 +38,7 @@ class FinetuneConfig:
     lr: float = 1e-4               # the backbone's trained blocks
     head_lr: float = 1e-2          # P and the per-user weights
     rank: int = 8                  # K, the number of shared directions
+    shared: bool = False           # add weights common to all users to each user's own (see UserFactors)
     top_layers: int = 2            # transformer blocks trained, counted from the top; 0 = all (full fine-tuning)
     dropout: bool = True           # the backbone's own dropout while training (measured: it is what makes fine-tuning
                                    # help unseen users); off, 1 and N workers take exactly the same steps
@@ -84,16 +85,21 @@ def select_trainable(model: nn.Module, top_layers: int) -> int:
 
 
 class UserFactors(nn.Module):
-    """r_u(x) = w_u . P f(x): K shared directions and a weight vector per seen user (a seeded start)."""
+    """r_u(x) = w_u . P f(x): K shared directions and a weight vector per seen user (a seeded start).
 
-    def __init__(self, dim: int, n_users: int, rank: int, seed: int = 0):
+    With `shared`, r_u(x) = (s + w_u) . P f(x): the population's common weights s learn from every
+    user's pairs, where a user's own w_u sees only the few pairs of that user."""
+
+    def __init__(self, dim: int, n_users: int, rank: int, seed: int = 0, shared: bool = False):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         self.proj = nn.Parameter(torch.randn(rank, dim, generator=g) / dim ** 0.5)
         self.users = nn.Parameter(0.1 * torch.randn(n_users, rank, generator=g))
+        self.shared = nn.Parameter(0.1 * torch.randn(rank, generator=g)) if shared else None
 
     def margins(self, chosen: torch.Tensor, rejected: torch.Tensor, user: torch.Tensor) -> torch.Tensor:
-        return ((chosen - rejected).float() @ self.proj.T * self.users[user]).sum(-1)
+        w = self.users[user] if self.shared is None else self.users[user] + self.shared
+        return ((chosen - rejected).float() @ self.proj.T * w).sum(-1)
 
 
 def pair_losses(margins: torch.Tensor) -> torch.Tensor:
