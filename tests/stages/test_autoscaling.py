@@ -70,6 +70,28 @@ def wait_for(predicate, timeout: float) -> float:
     return time.time() - t0
 
 
+def embed_on_a_gpu(cluster, tmp_path) -> tuple[subprocess.CompletedProcess, str]:
+    """`mrm embed --num-gpus 1` of a small text population with a tiny model: (result, model path)."""
+    from mrm_ray.synth import synth
+
+    model = tiny_reward_model(tmp_path / "model")
+    synth(str(tmp_path / "pairs"), kind="text", users=6, pairs_per_user=4, seed=0)
+    res = mrm(cluster, "embed", "--pairs", str(tmp_path / "pairs"), "--out", str(tmp_path / "emb"), "--model",
+              model, "--num-gpus", "1", "--dtype", "float32")
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res, model
+
+
+def train_two_workers(cluster, tmp_path) -> None:
+    """`mrm train num_workers=2 cpus_per_worker=1` on a small embedding population (in tmp_path/emb)."""
+    from mrm_ray.synth import synth
+
+    synth(str(tmp_path / "emb"), users=60, pairs_per_user=10, dim=16, seed=0)
+    res = mrm(cluster, "train", "--embeddings", str(tmp_path / "emb"), "--out", str(tmp_path / "run"),
+              "num_workers=2", "cpus_per_worker=1", "epochs=2")
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
 def test_the_fake_cluster_has_the_yamls_node_types():
     head, types = node_types_from_yaml(ROOT / "ray-cluster.yaml")
     config = fake_config(ROOT / "ray-cluster.yaml")["available_node_types"]
@@ -85,16 +107,11 @@ def test_the_fake_cluster_has_the_yamls_node_types():
 
 def test_embed_scales_the_gpu_type_from_zero_and_back(cluster, tmp_path):
     from mrm_ray.backbone import encode_pairs, load_backbone
-    from mrm_ray.synth import synth
 
     assert active(cluster) == {}
-    model = tiny_reward_model(tmp_path / "model")
-    synth(str(tmp_path / "pairs"), kind="text", users=6, pairs_per_user=4, seed=0)
     t0 = time.time()
-    res = mrm(cluster, "embed", "--pairs", str(tmp_path / "pairs"), "--out", str(tmp_path / "emb"), "--model",
-              model, "--num-gpus", "1", "--dtype", "float32")
+    res, model = embed_on_a_gpu(cluster, tmp_path)
     stage_s = time.time() - t0
-    assert res.returncode == 0, res.stderr[-3000:]
     # it waited, then the autoscaler grew the cluster (which type it names while launching is a race with the
     # 1 s polls here; test_waiting_is_bounded_and_says_for_what checks that text on a wait that lasts)
     assert "waiting for the autoscaler (" in res.stderr and "the cluster grew in" in res.stderr
@@ -115,13 +132,8 @@ def test_embed_scales_the_gpu_type_from_zero_and_back(cluster, tmp_path):
 
 
 def test_train_lands_on_the_training_type(cluster, tmp_path):
-    from mrm_ray.synth import synth
-
-    synth(str(tmp_path / "emb"), users=60, pairs_per_user=10, dim=16, seed=0)
     t0 = time.time()
-    res = mrm(cluster, "train", "--embeddings", str(tmp_path / "emb"), "--out", str(tmp_path / "run"),
-              "num_workers=2", "cpus_per_worker=1", "epochs=2")
-    assert res.returncode == 0, res.stderr[-3000:]
+    train_two_workers(cluster, tmp_path)
     nodes = active(cluster)
     assert nodes.get("train_cpu", 0) >= 1 and "gpu_embed" not in nodes, nodes
     print(f"\ntrain num_workers=2 on the training type scaled from 0: {time.time() - t0:.0f}s")
@@ -282,26 +294,18 @@ def test_the_kuberay_groups_scale_from_zero_and_back(tmp_path):
     """cluster/raycluster.yaml's worker groups (names, min/max replicas, GPU or not), live: `mrm embed`
     asks for a GPU and its GPU group scales from 0, `mrm train num_workers=2` lands on the CPU group, and
     both are gone again after the idle timeout."""
-    from mrm_ray.synth import synth
-
     _, groups = node_types_from_yaml(ROOT / "cluster" / "raycluster.yaml")
     gpu = next(name for name, g in groups.items() if "GPU" in g["resources"])
     cpu = next(name for name, g in groups.items() if "GPU" not in g["resources"])
     kube = FakeCluster(fake_config(ROOT / "cluster" / "raycluster.yaml", idle_timeout_s=IDLE_S)).start()
     try:
         assert active(kube) == {}
-        model = tiny_reward_model(tmp_path / "model")
-        synth(str(tmp_path / "pairs"), kind="text", users=6, pairs_per_user=4, seed=0)
-        res = mrm(kube, "embed", "--pairs", str(tmp_path / "pairs"), "--out", str(tmp_path / "emb"), "--model",
-                  model, "--num-gpus", "1", "--dtype", "float32")
-        assert res.returncode == 0, res.stderr[-3000:]
+        (tmp_path / "embed").mkdir(), (tmp_path / "train").mkdir()
+        embed_on_a_gpu(kube, tmp_path / "embed")
         assert active(kube).get(gpu, 0) >= 1, active(kube)
         wait_for(lambda: active(kube) == {}, IDLE_S + 60)
 
-        synth(str(tmp_path / "vec"), users=60, pairs_per_user=10, dim=16, seed=0)
-        res = mrm(kube, "train", "--embeddings", str(tmp_path / "vec"), "--out", str(tmp_path / "run"),
-                  "num_workers=2", "cpus_per_worker=1", "epochs=2")
-        assert res.returncode == 0, res.stderr[-3000:]
+        train_two_workers(kube, tmp_path / "train")
         nodes = active(kube)
         assert nodes.get(cpu, 0) >= 1 and gpu not in nodes, nodes
         wait_for(lambda: active(kube) == {}, IDLE_S + 60)
