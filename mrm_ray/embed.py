@@ -112,6 +112,7 @@ class EmbedActor:
         """Embeddings of a batch's pairs; share=False: every pair's two texts through the plain pass."""
         import torch
 
+        t0 = time.perf_counter()
         if not share:
             n = len(batch[C.PAIR_ID])
             prompts = [json.loads(p) for p in batch[_PROMPT_JSON]]
@@ -119,7 +120,8 @@ class EmbedActor:
             emb, scores = self.encoder.encode_ids(ids)
             tokens = sum(map(len, ids))
             self.encoder.stats.take()
-            return self._output(batch, emb.numpy(), scores, (n, tokens, tokens, truncated, 2 * n, 0))
+            return self._output(batch, emb.numpy(), scores,
+                                (n, tokens, tokens, truncated, 2 * n, 0, time.perf_counter() - t0))
 
         n, keys, prompts = len(batch[C.PAIR_ID]), batch[_CONV_KEY], batch[_PROMPT_JSON]
         # Distinct (prompt, response) texts first (tokenizing is not free either); texts[i] is pair i % n's
@@ -139,7 +141,7 @@ class EmbedActor:
         per_pair = int(sum(len(ids[j]) for j in inverse))   # what a pass over every pair's two texts computes
         inv = torch.as_tensor(inverse)
         return self._output(batch, emb[inv].numpy(), scores[inv] if scores is not None else None,
-                            (n, per_pair, computed, truncated, len(first), unshared))
+                            (n, per_pair, computed, truncated, len(first), unshared, time.perf_counter() - t0))
 
     def _output(self, batch, emb: np.ndarray, scores, totals: tuple) -> dict[str, np.ndarray]:
         """The keys and the chosen/rejected halves of (2n, d) embeddings; totals go to the progress actor."""
@@ -170,7 +172,9 @@ def _to_contract_table(batch: dict[str, np.ndarray], emb_dtype: str, metadata: d
 class _Progress:
     """Totals reported by the actors (a tiny Ray actor with no CPU reservation)."""
 
-    FIELDS = ("rows", "per_pair_tokens", "tokens", "truncated", "distinct_texts", "unshared_groups")
+    # backbone_s: seconds inside tokenization and the backbone, summed over replicas (the stage's wall time
+    # also holds Ray's start-up, reading, the shuffle and writing)
+    FIELDS = ("rows", "per_pair_tokens", "tokens", "truncated", "distinct_texts", "unshared_groups", "backbone_s")
 
     def __init__(self):
         self.totals = dict.fromkeys(self.FIELDS, 0)
@@ -312,14 +316,15 @@ def embed(pairs: str, out: str, model: str = "auto", pooling: str = "auto", dtyp
     except ray.exceptions.RayError:   # the table is complete; only the counts of its making are lost
         t = {**dict.fromkeys(_Progress.FIELDS, 0), "rows": total_rows}
     dt = time.time() - t0
-    log.info("wrote %d pairs to %s in %.1fs (%.1f pairs/s, %.0f tokens/s computed); %s; %d distinct texts of %d, "
-             "%d truncated to %d tokens; %d conversations whose texts shared no prefix", t["rows"], out, dt,
-             t["rows"] / dt, t["tokens"] / dt, _saving(t), t["distinct_texts"], 2 * t["rows"], t["truncated"],
-             max_length, t["unshared_groups"])
+    log.info("wrote %d pairs to %s in %.1fs (%.1fs in the backbone; %.1f pairs/s, %.0f tokens/s computed); %s; "
+             "%d distinct texts of %d, %d truncated to %d tokens; %d conversations whose texts shared no prefix",
+             t["rows"], out, dt, t["backbone_s"], t["rows"] / dt, t["tokens"] / dt, _saving(t), t["distinct_texts"],
+             2 * t["rows"], t["truncated"], max_length, t["unshared_groups"])
     return {"pairs": t["rows"], "seconds": round(dt, 1), "pairs_per_s": t["rows"] / dt,
             "tokens_per_s": t["tokens"] / dt, "tokens": t["tokens"], "per_pair_tokens": t["per_pair_tokens"],
             "distinct_texts": t["distinct_texts"], "unshared_groups": t["unshared_groups"],
-            "truncated": t["truncated"], "model": model, "pooling": pooling, "dtype": compute, "out": out}
+            "backbone_seconds": round(t["backbone_s"], 3), "truncated": t["truncated"], "model": model,
+            "pooling": pooling, "dtype": compute, "out": out}
 
 
 def _copy_truth(pairs_uri: str, staging: str) -> None:

@@ -274,6 +274,8 @@ def test_pipeline_runs_each_text_and_prompt_once(ray_local, tmp_path, models):
     assert table.column(C.PAIR_ID).to_pylist() == [p[C.PAIR_ID] for p in pairs]   # input order
     check_against_reference(table, reference, pairs)
     assert plain["tokens"] == plain["per_pair_tokens"] == summary["per_pair_tokens"]   # the plain pass
+    for s in (summary, plain):   # time inside the backbone: reported, and part of the stage's wall time
+        assert 0 < s["backbone_seconds"] <= s["seconds"]
 
 
 def test_pipeline_all_distinct_mean_pooling_is_todays_output(ray_local, tmp_path, models):
