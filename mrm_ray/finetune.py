@@ -10,8 +10,9 @@
    under `<out>/data/`, whole users per bucket; `<out>/users.parquet` numbers the seen users.  Unseen
    users' pairs and test pairs never enter fine-tuning.
 2. Ray Train workers (TorchTrainer; DeepSpeed ZeRO over gloo on CPU, NCCL on GPU) each read their
-   buckets.  A step's global batch is the pairs whose hash falls in that step's slot this epoch, so 1
-   worker or N take the same steps (exactly so with dropout=false).  The validation carve of
+   buckets.  A step's global batch is the pairs whose hash falls in that step's slot this epoch (with
+   objective=meta, the users whose hash does: whole users, each on one worker), so 1 worker or N take
+   the same steps (exactly so with dropout=false).  The validation carve of
    `mrm train` is held out and scored after every epoch; the backbone of the best epoch so far goes to
    `<out>/model/`.
 3. A checkpoint (DeepSpeed's, every rank's part) after every epoch under `<out>/checkpoints/`: a worker
@@ -112,7 +113,28 @@ def worker_pairs(out: str, users: pa.Table, cfg: FinetuneConfig, buckets: list[i
             "user": users.column("index").to_numpy()[pd.Index(users.column(C.USER_ID).to_numpy(
                 zero_copy_only=False)).get_indexer(uid)],
             "hash": shards.hash_ids(table.column(C.PAIR_ID).to_numpy(zero_copy_only=False), cfg.seed),
+            "user_hash": shards.user_hash(uid, cfg.seed),
             "val": splits.validation_mask(grouped, cfg.val_ratio, cfg.seed)}
+
+
+def support_rows(pair_hash: np.ndarray, seed: int, epoch: int) -> np.ndarray:
+    """objective=meta: the pairs that adapt their user this epoch (about half, by a seeded hash of the pair)."""
+    return splits.unit(splits.mix64(pair_hash, seed * 104_729 + epoch + 1)) < 0.5
+
+
+def val_chunks(data: dict, val_rows: np.ndarray, batch_pairs: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """objective=meta: validation in chunks of whole users, about batch_pairs validation pairs each: every
+    user adapts on all its train pairs (support) and is scored on its validation pairs."""
+    users = data["user"]
+    val_users = np.unique(users[val_rows])
+    per_user = np.bincount(np.searchsorted(val_users, users[val_rows]), minlength=len(val_users))
+    bounds = np.searchsorted(np.cumsum(per_user), np.arange(batch_pairs, per_user.sum(), batch_pairs), "right")
+    out = []
+    for chunk in np.split(val_users, np.unique(bounds)):
+        rows = np.flatnonzero(np.isin(users, chunk))
+        if len(rows):
+            out.append((rows, ~data["val"][rows]))
+    return out
 
 
 # --- 2. the workers -----------------------------------------------------------------------------------
@@ -158,7 +180,7 @@ def finetune_worker(config: dict) -> None:
     import torch.distributed as dist
 
     from mrm_ray.backbone import POOLING, PairEncoder, load_backbone, pair_conversations
-    from mrm_ray.core.finetune import UserFactors, pair_losses, select_trainable
+    from mrm_ray.core.finetune import MetaHead, UserFactors, pair_losses, select_trainable
 
     cfg, out = FinetuneConfig(**config["cfg"]), config["out"]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -179,8 +201,9 @@ def finetune_worker(config: dict) -> None:
     # With dropout off (eval mode, gradients on), 1 worker or N take the same steps, and so does a resume.
     enc.base.train(cfg.dropout)
     torch.manual_seed(cfg.seed)
-    factors = UserFactors(model.config.get_text_config().hidden_size, users.num_rows, cfg.rank, cfg.seed,
-                          cfg.shared).to(device)
+    dim, meta = model.config.get_text_config().hidden_size, cfg.objective == "meta"
+    factors = (MetaHead(dim, cfg.rank, cfg.seed, cfg.inner_lr, cfg.inner_steps) if meta else
+               UserFactors(dim, users.num_rows, cfg.rank, cfg.seed, cfg.shared)).to(device)
 
     class Tuner(torch.nn.Module):
         """The trained parts in one module, the way DeepSpeed wants them."""
@@ -189,14 +212,20 @@ def finetune_worker(config: dict) -> None:
             super().__init__()
             self.base, self.factors = enc.base, factors
 
-        def forward(self, rows: np.ndarray, weight: float = 1.0):
-            """(sum of the rows' pair losses x weight, correct count)."""
+        def forward(self, rows: np.ndarray, weight: float = 1.0, support: np.ndarray | None = None):
+            """(sum of the rows' pair losses x weight, correct count); objective=meta: each user of the rows
+            adapts on its `support` rows and the loss and count are the other (query) rows'."""
             convs = pair_conversations([data["prompt"][i] for i in rows], [data["chosen"][i] for i in rows],
                                        [data["rejected"][i] for i in rows])
             ids, _ = enc.tokenize(convs)
             x, mask = enc._pad(ids, enc.left_pad)
             f = POOLING[enc.pooling](self.base(input_ids=x, attention_mask=mask).last_hidden_state, mask)
-            m = self.factors.margins(f[:len(rows)], f[len(rows):], torch.as_tensor(data["user"][rows], device=device))
+            user = torch.as_tensor(data["user"][rows], device=device)
+            if not meta:
+                m = self.factors.margins(f[:len(rows)], f[len(rows):], user)
+                return pair_losses(m).sum() * weight, int((m > 0).sum())
+            s = torch.as_tensor(support, device=device)
+            m = self.factors.margins(f[:len(rows)], f[len(rows):], user, s)[~s]
             return pair_losses(m).sum() * weight, int((m > 0).sum())
 
     tuner = Tuner()
@@ -222,38 +251,46 @@ def finetune_worker(config: dict) -> None:
     n_steps = max(1, math.ceil(n_train / cfg.batch_pairs))
     # Every rank runs the same number of forward passes (ZeRO-3 gathers parameters inside them); a rank
     # with no rows in a step runs one row at weight 0.
-    spare = np.array([0])
+    spare, no = np.array([0]), np.array([False])
     t0 = last = time.time()
     for epoch in range(len(state["history"]), cfg.epochs):
-        slot = splits.epoch_slots(data["hash"][train_rows], n_steps, cfg.seed, epoch)
-        loss_sum = correct = 0.0
+        # objective=meta: a step takes whole users (slots by user), half of each user's pairs (by pair hash,
+        # drawn again every epoch) adapt it and the other half score it
+        slot = splits.epoch_slots(data["user_hash" if meta else "hash"][train_rows], n_steps, cfg.seed, epoch)
+        support = support_rows(data["hash"], cfg.seed, epoch) if meta else np.zeros(len(data["hash"]), bool)
+        loss_sum = correct = scored = 0.0   # scored: the pairs the loss was taken on (objective=meta: query pairs)
         for step in range(n_steps):
             rows = train_rows[slot == step]
-            count = total(len(rows))[0]
+            count = total(int((~support[rows]).sum()))[0]
             if count == 0:
                 continue
-            loss, right = engine(rows if len(rows) else spare, (world / count) if len(rows) else 0.0)
+            loss, right = engine(rows if len(rows) else spare, (world / count) if len(rows) else 0.0,
+                                 support[rows] if len(rows) else no)
             engine.backward(loss)   # DeepSpeed averages over ranks: world x (rank's sum / global count)
             engine.step()
             step_loss, step_right = total(loss.item() * count / world, right if len(rows) else 0)
             state["steps"].append(step_loss / count)
-            loss_sum, correct = loss_sum + step_loss, correct + step_right
+            loss_sum, correct, scored = loss_sum + step_loss, correct + step_right, scored + count
             if rank == 0 and time.time() - last >= 30:   # progress inside long epochs
                 last = time.time()
                 log.info("finetune epoch %d/%d: step %d/%d, loss %.4f (%.0f s)", epoch + 1, cfg.epochs, step + 1,
                          n_steps, step_loss / count, last - t0)
         enc.base.eval()
         with torch.no_grad():
-            most = torch.tensor([math.ceil(len(val_rows) / cfg.batch_pairs)], device=device)
+            chunks = val_chunks(data, val_rows, cfg.batch_pairs) if meta else [
+                (val_rows[c:c + cfg.batch_pairs], None) for c in range(0, len(val_rows), cfg.batch_pairs)]
+            most = torch.tensor([len(chunks)], device=device)
             dist.all_reduce(most, op=dist.ReduceOp.MAX)
             v_loss = v_right = 0.0
             for c in range(int(most.item())):
-                rows = val_rows[c * cfg.batch_pairs:(c + 1) * cfg.batch_pairs]
-                loss, right = engine(rows if len(rows) else spare, 1.0 if len(rows) else 0.0)
+                rows, sup = chunks[c] if c < len(chunks) else (np.array([], np.int64), None)
+                loss, right = engine(rows if len(rows) else spare, 1.0 if len(rows) else 0.0,
+                                     sup if len(rows) else no)
                 v_loss, v_right = v_loss + loss.item(), v_right + (right if len(rows) else 0)
             v_loss, v_right = total(v_loss, v_right)
         enc.base.train(cfg.dropout)
-        record = {"epoch": epoch + 1, "train_loss": loss_sum / max(n_train, 1), "train_accuracy": correct / max(n_train, 1),
+        record = {"epoch": epoch + 1, "train_loss": loss_sum / max(scored, 1),
+                  "train_accuracy": correct / max(scored, 1),
                   "val_loss": v_loss / n_val if n_val else None, "val_accuracy": v_right / n_val if n_val else None,
                   "seconds": round(time.time() - t0, 1)}
         # kept: the best validation accuracy so far, ties to the lower validation loss

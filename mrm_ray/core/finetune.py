@@ -4,15 +4,18 @@ A frozen embedding caps what any linear head can learn: if the response attribut
 disagree on are not linear directions of the embedding, no base reward finds them.  `mrm finetune`
 trains the backbone's top transformer blocks so that they are.
 
-The objective is a surrogate of the MRM meta-objective, chosen because it is simple to run data
-parallel and measured to help unseen users (README, "Fine-tuning the backbone"): each seen user u
-gets a free weight vector w_u over K shared directions P of the pooled embedding f(x),
+Two objectives train the backbone's pooled embedding f(x) through a head over K shared directions P
+(`objective`; README, "Fine-tuning the backbone", has what each measured):
 
-    r_u(x) = w_u . P f(x),     loss = mean over u's train pairs of -log sigmoid(r_u(chosen) - r_u(rejected)),
+  factors  each seen user u gets a free weight vector w_u (UserFactors),
+               r_u(x) = w_u . P f(x),   loss = mean over u's train pairs of -log sigmoid(r_u(chosen) - r_u(rejected)),
+           a low-rank per-user Bradley-Terry model trained jointly with the backbone.
+  meta     MRM's own meta-objective (MetaHead): w_u starts at a learned w0 and takes a few gradient
+           steps on half of u's pairs (support); the loss is taken on the other half (query), so the
+           backbone is rewarded for features on which a few pairs adapt a user, not for memorising pairs.
 
-a low-rank per-user Bradley-Terry model trained jointly with the backbone.  P and the w_u are thrown
-away afterwards: only the backbone is kept, and MRM is then trained on its new embedding like on any
-other (embed -> train -> evaluate), so unseen users never touch fine-tuning.
+The head is thrown away afterwards: only the backbone is kept, and MRM is then trained on its new
+embedding like on any other (embed -> train -> evaluate), so unseen users never touch fine-tuning.
 """
 from __future__ import annotations
 
@@ -38,7 +41,12 @@ class FinetuneConfig:
     lr: float = 1e-4               # the backbone's trained blocks
     head_lr: float = 1e-2          # P and the per-user weights
     rank: int = 8                  # K, the number of shared directions
-    shared: bool = False           # add weights common to all users to each user's own (see UserFactors)
+    shared: bool = False           # objective=factors: add weights common to all users to each user's own
+    objective: str = "factors"     # "factors": a free weight vector per seen user (UserFactors); "meta": MRM's
+                                   # meta-objective, the head adapted per user on support pairs, scored on query
+                                   # pairs (MetaHead)
+    inner_steps: int = 3           # objective=meta: gradient steps of a user's adaptation
+    inner_lr: float = 1.0          # objective=meta: their starting step size (learned with the head)
     top_layers: int = 2            # transformer blocks trained, counted from the top; 0 = all (full fine-tuning)
     dropout: bool = True           # the backbone's own dropout while training (measured: it is what makes fine-tuning
                                    # help unseen users); off, 1 and N workers take exactly the same steps
@@ -58,6 +66,8 @@ def check(cfg: FinetuneConfig) -> list[str]:
     rules = [(cfg.epochs >= 1, "epochs must be >= 1"), (cfg.batch_pairs >= 1, "batch_pairs must be >= 1"),
              (cfg.lr > 0 and cfg.head_lr > 0, "lr and head_lr must be > 0"), (cfg.rank >= 1, "rank must be >= 1"),
              (cfg.top_layers >= 0, "top_layers must be >= 0 (0 = all)"),
+             (cfg.objective in ("factors", "meta"), "objective must be factors or meta"),
+             (cfg.inner_steps >= 1 and cfg.inner_lr > 0, "inner_steps must be >= 1 and inner_lr > 0"),
              (cfg.zero_stage in (0, 1, 2, 3), "zero_stage must be 0, 1, 2 or 3"),
              (cfg.offload in ("none", "cpu"), "offload must be none or cpu"),
              (cfg.offload == "none" or cfg.zero_stage >= 1, "offload=cpu needs zero_stage 1, 2 or 3"),
@@ -100,6 +110,42 @@ class UserFactors(nn.Module):
     def margins(self, chosen: torch.Tensor, rejected: torch.Tensor, user: torch.Tensor) -> torch.Tensor:
         w = self.users[user] if self.shared is None else self.users[user] + self.shared
         return ((chosen - rejected).float() @ self.proj.T * w).sum(-1)
+
+
+class MetaHead(nn.Module):
+    """r_u(x) = w_u . P f(x), where w_u starts at a shared w0 and takes `steps` gradient steps of the mean
+    Bradley-Terry loss on u's SUPPORT pairs; the loss that trains the backbone, P, w0 and the step size is
+    taken on u's QUERY pairs.  This is MRM's meta-objective (MAML) with the head's inner loop written out:
+    the gradient of -log sigmoid(w . d) in w is -sigmoid(-w . d) d, so no second-order autograd is
+    needed, and every user of a batch adapts at once (index_add by user).  Against UserFactors it
+    cannot win by memorising pairs, because the pairs it is scored on never moved w_u."""
+
+    def __init__(self, dim: int, rank: int, seed: int = 0, lr: float = 1.0, steps: int = 3):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.proj = nn.Parameter(torch.randn(rank, dim, generator=g) / dim ** 0.5)
+        self.init = nn.Parameter(0.1 * torch.randn(rank, generator=g))
+        self.log_lr = nn.Parameter(torch.tensor([float(lr)]).log())   # 1-d: DeepSpeed broadcasts no 0-d tensor
+        self.steps = steps
+
+    def adapted(self, d: torch.Tensor, user: torch.Tensor, support: torch.Tensor, n_users: int) -> torch.Tensor:
+        """[n_users, K] weights adapted on the support rows; d [n, K] = P (f(chosen) - f(rejected)),
+        user [n] in 0..n_users-1.  A user without support pairs keeps w0."""
+        s = support.to(d.dtype)
+        count = torch.zeros(n_users, dtype=d.dtype, device=d.device).index_add(0, user, s).clamp(min=1)[:, None]
+        w = self.init.expand(n_users, -1)
+        for _ in range(self.steps):
+            m = (w[user] * d).sum(-1)
+            grad = torch.zeros_like(w).index_add(0, user, (-torch.sigmoid(-m) * s)[:, None] * d) / count
+            w = w - self.log_lr.exp() * grad
+        return w
+
+    def margins(self, chosen: torch.Tensor, rejected: torch.Tensor, user: torch.Tensor,
+                support: torch.Tensor) -> torch.Tensor:
+        """Every pair's margin under its user's adapted weights (user: any ids; support: bool per pair)."""
+        d = (chosen - rejected).float() @ self.proj.T
+        local, index = torch.unique(user, return_inverse=True)
+        return (self.adapted(d, index, support, len(local))[index] * d).sum(-1)
 
 
 def pair_losses(margins: torch.Tensor) -> torch.Tensor:

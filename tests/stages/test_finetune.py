@@ -52,6 +52,17 @@ def test_two_workers_with_zero3_take_the_steps_of_one(setup, one_worker):
         assert a["val_accuracy"] == b["val_accuracy"] and a["val_loss"] == pytest.approx(b["val_loss"], abs=TOL)
 
 
+def test_meta_objective_two_workers_take_the_steps_of_one(setup, ray_local):
+    """objective=meta: a step's users are the same set however they are sharded, each whole on one worker."""
+    one = run(setup, "m1", objective="meta")
+    two = run(setup, "m2", objective="meta", num_workers=2)
+    assert len(one["steps"]) == len(two["steps"]) >= 8
+    np.testing.assert_allclose(two["steps"], one["steps"], atol=TOL, rtol=0)
+    for a, b in zip(one["history"], two["history"]):
+        assert a["val_accuracy"] == b["val_accuracy"] and a["val_loss"] == pytest.approx(b["val_loss"], abs=TOL)
+        assert 0 < a["train_loss"] < 2 and 0 <= a["train_accuracy"] <= 1
+
+
 def test_only_seen_users_train_pairs_are_fine_tuned_on(setup, one_worker):
     import pyarrow as pa
 
