@@ -173,15 +173,17 @@ def synth(out: str, users: int | None = None, pairs_per_user: int = 20, kind: st
     """Write a synthetic population to `out`; returns its summary.
 
     kind embedding: an embeddings table (train on it directly); text: a pairs
-    table for `mrm embed`; text-hard: the same over attributes a frozen encoder
-    does not carry linearly (mrm_ray.synth_text).  population: one of the quality zoo (mrm_ray.zoo)
-    instead; users/dim then change its size only when given.
+    table for `mrm embed`; text-hard and text-order: the same over attributes a frozen
+    encoder does not carry linearly (relations; arrangements) (mrm_ray.synth_text).
+    population: one of the quality zoo (mrm_ray.zoo) instead; users/dim then change its
+    size only when given.
     """
     from mrm_ray.errors import UserError
+    from mrm_ray.synth_text import SCHEMES
     if (users is not None and users < 1) or pairs_per_user < 1 or (dim is not None and dim < 4):
         raise UserError("--users and --pairs-per-user must be >= 1 and --dim >= 4")
-    if kind not in ("embedding", "text", "text-hard"):
-        raise UserError("--kind must be embedding, text or text-hard")
+    if kind not in ("embedding", *SCHEMES):
+        raise UserError(f"--kind must be one of embedding, {', '.join(SCHEMES)}")
     storage.check_output(out, "synth", overwrite=overwrite)   # before any work
     if population is not None:
         from mrm_ray import zoo
@@ -191,7 +193,7 @@ def synth(out: str, users: int | None = None, pairs_per_user: int = 20, kind: st
         return {"population": population, "users": g.spec.users, "pairs": len(g.user), "dim": g.spec.dim,
                 "out": out}
     users = 2000 if users is None else users
-    if kind.startswith("text"):
+    if kind in SCHEMES:
         from mrm_ray.synth_text import write_text_population
         return write_text_population(out, users=users, pairs_per_user=pairs_per_user, seed=seed,
                                      overwrite=overwrite, kind=kind)

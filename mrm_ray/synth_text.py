@@ -29,6 +29,10 @@ text-hard measures how visible each attribute is (a linear probe) before and
 after `mrm finetune`: on all-MiniLM-L6-v2, follows_length and consistent
 barely (0.53, 0.71), mirrors_tone well (0.94, attention mixes the voices).
 
+`--kind text-order` is a third: its attributes (ORDER_ATTRIBUTES) but `polite` only arrange the same
+sentences (the summary before or after the advice, each example before or after its point, the question
+restated first or last), so a response's bag of words does not show them.
+
 Written under `out` (one atomic commit):
   part-00000.parquet          the pairs table (contract columns; split train/test 50/50 per user)
   _truth/part-00000.parquet   per user: type, weights, pairs, oracle_test_accuracy (how often the true
@@ -209,13 +213,48 @@ def render_hard_response(topic: str, attrs, rng: np.random.Generator, request: t
     return " ".join([_OPENER[opener_formal], *items, *([_CLOSER[opener_formal]] if polite else [])])
 
 
+# --- the order population -------------------------------------------------------------------------
+# Every response holds the same kinds of sentences; the attributes but `polite` only ARRANGE them.  A mean-
+# pooled frozen encoder averages its tokens (their position embeddings average out over a text's positions),
+# so arrangement reaches the embedding only through the encoder's context mixing: barely linear.  Attention
+# that is fine-tuned can see it.
+ORDER_ATTRIBUTES = ("polite", "summary_first", "example_first", "restate_first")
+ORDER_TYPES = {
+    "skimmer":   (0.35, [0.3, 1.4, 0.2, -0.3]),    # the bottom line up front
+    "learner":   (0.30, [0.4, -0.4, 1.4, 0.2]),    # the example before the advice
+    "formalist": (0.25, [0.6, 0.3, -0.2, 1.4]),    # the question restated before the answer
+    "contrary":  (0.10, [-0.8, -1.0, -0.6, -0.4]),  # the minority
+}
+
+
+def render_order_response(topic: str, attrs, rng: np.random.Generator) -> str:
+    """The text of one response to TOPICS[topic] with the given 0/1 ORDER_ATTRIBUTES: two points drawn at
+    random with their examples, a one-line summary, a restatement of the question; summary_first puts the
+    summary before the points (else after), example_first each example before its point (else after),
+    restate_first the restatement at the start (else at the end), polite adds a closing line."""
+    polite, summary_first, example_first, restate_first = (bool(a) for a in attrs)
+    question, points = TOPICS[topic]
+    chosen = [points[i] for i in rng.permutation(len(points))[:2]]
+    restate = f"You asked: {question}"
+    summary = f"In short, {chosen[0][0]}."
+    body = []
+    for k, (point, example) in enumerate(chosen):
+        advice, instance = _FORMAL[k % len(_FORMAL)].format(p=point), _EXAMPLE[True].format(e=example)
+        body += [instance, advice] if example_first else [advice, instance]
+    body = [summary, *body] if summary_first else [*body, summary]
+    texts = [restate, *body] if restate_first else [*body, restate]
+    return " ".join([*texts, *([_CLOSER[True]] if polite else [])])
+
+
 def _plain_prompt(topic: str, rng: np.random.Generator) -> tuple[str, None]:
     return TOPICS[topic][0], None
 
 
 # name -> (attributes, types, render the prompt -> (text, context), render a response given the context)
 SCHEMES = {"text": (ATTRIBUTES, TYPES, _plain_prompt, lambda topic, attrs, rng, _: render_response(topic, attrs, rng)),
-           "text-hard": (HARD_ATTRIBUTES, HARD_TYPES, render_hard_prompt, render_hard_response)}
+           "text-hard": (HARD_ATTRIBUTES, HARD_TYPES, render_hard_prompt, render_hard_response),
+           "text-order": (ORDER_ATTRIBUTES, ORDER_TYPES, _plain_prompt,
+                          lambda topic, attrs, rng, _: render_order_response(topic, attrs, rng))}
 
 
 def _attribute_pair(w: np.ndarray, rng: np.random.Generator, min_margin: float):

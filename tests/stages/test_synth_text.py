@@ -161,3 +161,27 @@ def test_text_hard_attributes_are_relations_written_as_the_truth_says(tmp_path):
     body_formal, mirrors = np.array(body_formal), np.array(mirrors, bool)
     # a formal body is as common among responses that mirror the request's voice as among those that do not
     assert abs(body_formal[mirrors].mean() - body_formal[~mirrors].mean()) < 0.12
+
+
+def _read_order(text: str) -> list[int]:
+    """ORDER_ATTRIBUTES read back from a response (an independent parser of the rendered text)."""
+    summary, first_point = text.index("In short,"), min(text.find(w) for w in ("It is advisable", "I would recommend"))
+    first_example = text.index("For instance,")
+    return [int(text.endswith("further questions.")), int(summary < first_point),
+            int(first_example < first_point), int(text.startswith("You asked:"))]
+
+
+def test_text_order_attributes_only_arrange_the_same_words(tmp_path):
+    """Known answer: each response's attributes parse back as the truth says, and the same content with
+    other order attributes has the same words (only `polite` adds any)."""
+    out = str(tmp_path / "order")
+    summary = S.write_text_population(out, users=30, pairs_per_user=8, seed=3, kind="text-order")
+    assert summary["kind"] == "text-order" and storage.read_json(f"{out}/_truth.json")["attributes"] == list(
+        S.ORDER_ATTRIBUTES)
+    pairs = {p[C.PAIR_ID]: p for p in storage.read_table(out).to_pylist()}
+    for t in storage.read_table(f"{out}/_truth_pairs").to_pylist():
+        assert _read_order(pairs[t[C.PAIR_ID]][C.CHOSEN]) == t["chosen_attrs"]
+        assert _read_order(pairs[t[C.PAIR_ID]][C.REJECTED]) == t["rejected_attrs"]
+    for attrs in ([0, 1, 0, 1], [0, 0, 1, 0], [0, 1, 1, 1]):
+        a, b = (S.render_order_response("sleep", x, np.random.default_rng(9)) for x in ([0, 0, 0, 0], attrs))
+        assert a != b and sorted(a.split()) == sorted(b.split())
