@@ -56,7 +56,7 @@ def test_meta_objective_two_workers_take_the_steps_of_one(setup, ray_local):
     """objective=meta: a step's users are the same set however they are sharded, each whole on one worker."""
     one = run(setup, "m1", objective="meta")
     two = run(setup, "m2", objective="meta", num_workers=2)
-    assert len(one["steps"]) == len(two["steps"]) >= 8
+    assert len(one["steps"]) == len(two["steps"]) >= 6   # whole users per slot: a slot can be empty
     np.testing.assert_allclose(two["steps"], one["steps"], atol=TOL, rtol=0)
     for a, b in zip(one["history"], two["history"]):
         assert a["val_accuracy"] == b["val_accuracy"] and a["val_loss"] == pytest.approx(b["val_loss"], abs=TOL)
