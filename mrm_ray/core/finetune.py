@@ -42,9 +42,9 @@ class FinetuneConfig:
     head_lr: float = 1e-2          # P and the per-user weights
     rank: int = 8                  # K, the number of shared directions
     shared: bool = False           # objective=factors: add weights common to all users to each user's own
-    objective: str = "factors"     # "factors": a free weight vector per seen user (UserFactors); "meta": MRM's
-                                   # meta-objective, the head adapted per user on support pairs, scored on query
-                                   # pairs (MetaHead)
+    objective: str = "meta"        # "meta": MRM's meta-objective, the head adapted per user on support pairs and
+                                   # scored on query pairs (MetaHead); "factors": a free weight vector per seen
+                                   # user (UserFactors).  Chosen on three text populations (README)
     inner_steps: int = 3           # objective=meta: gradient steps of a user's adaptation
     inner_lr: float = 1.0          # objective=meta: their starting step size (learned with the head)
     top_layers: int = 2            # transformer blocks trained, counted from the top; 0 = all (full fine-tuning)
