@@ -1,8 +1,8 @@
 """Does fine-tuning the backbone help UNSEEN users?  Frozen vs fine-tuned backbone, the rest of the chain the same.
 
     python benchmarks/finetune.py                       # the demo's text population, all-MiniLM-L6-v2 on CPU
-    python benchmarks/finetune.py --kind text-hard      # attributes the frozen encoder does not carry linearly:
-    python benchmarks/finetune.py --kind text-order     #   relations, and the order of the same sentences
+    python benchmarks/finetune.py --kind text-hard      # relations the frozen encoder does not carry linearly
+    python benchmarks/finetune.py --kind text-order     # attributes that only reorder the same sentences
     python benchmarks/finetune.py --users 400 top_layers=0 epochs=6
 
 For each backbone: `mrm embed` -> `mrm train` (the defaults, one process) -> `mrm evaluate`; the fine-tuned
@@ -66,8 +66,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--users", type=int, default=200, help="users of the text population (16 pairs each, as the demo)")
     p.add_argument("--kind", choices=("text", "text-hard", "text-order"), default="text",
-                   help="the demo's text population, or one whose attributes are not linear in the frozen embedding "
-                        "(relations; the order of the same sentences)")
+                   help="the demo's text population; text-hard: attributes that are relations, not linear in the "
+                        "frozen embedding; text-order: attributes that only reorder the same sentences")
     p.add_argument("--workdir", default=None, help="where the tables and runs go (default: a temp folder)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="mrm finetune config overrides")
     args = p.parse_args()

@@ -32,9 +32,9 @@ def _synth_args(p) -> None:
     p.add_argument("--pairs-per-user", type=int, default=20, help="mean preference pairs per user (ragged)")
     p.add_argument("--kind", choices=("embedding", "text", "text-hard", "text-order"), default="embedding",
                    help="embedding: an embeddings table (train directly); text: a pairs table (run mrm embed); "
-                        "text-hard, text-order: pairs tables whose attributes a frozen encoder does not carry "
-                        "linearly (relations between request and response; the order of the same sentences), "
-                        "for mrm finetune")
+                        "text-hard: a pairs table whose attributes (relations between request and response) a "
+                        "frozen encoder does not carry linearly; text-order: one whose attributes only reorder "
+                        "the same sentences (both for mrm finetune)")
     p.add_argument("--dim", type=int, help="embedding dimension (--kind embedding; default: 64, or the --population's own)")
     p.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="embedding storage type")
     p.add_argument("--seed", type=int, default=0, help="random seed: same seed, same population")

@@ -173,8 +173,8 @@ def synth(out: str, users: int | None = None, pairs_per_user: int = 20, kind: st
     """Write a synthetic population to `out`; returns its summary.
 
     kind embedding: an embeddings table (train on it directly); text: a pairs
-    table for `mrm embed`; text-hard and text-order: the same over attributes a frozen
-    encoder does not carry linearly (relations; arrangements) (mrm_ray.synth_text).
+    table for `mrm embed`; text-hard: the same over relations a frozen encoder does not
+    carry linearly; text-order: over arrangements of the same sentences (mrm_ray.synth_text).
     population: one of the quality zoo (mrm_ray.zoo) instead; users/dim then change its
     size only when given.
     """

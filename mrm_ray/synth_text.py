@@ -31,7 +31,8 @@ barely (0.53, 0.71), mirrors_tone well (0.94, attention mixes the voices).
 
 `--kind text-order` is a third: its attributes (ORDER_ATTRIBUTES) but `polite` only arrange the same
 sentences (the summary before or after the advice, each example before or after its point, the question
-restated first or last), so a response's bag of words does not show them.
+restated first or last), so a response's bag of words does not show them.  A linear probe does find them
+in the frozen embedding (0.95-1.00); MRM on it does not (the content differences of a pair dominate).
 
 Written under `out` (one atomic commit):
   part-00000.parquet          the pairs table (contract columns; split train/test 50/50 per user)
@@ -214,10 +215,10 @@ def render_hard_response(topic: str, attrs, rng: np.random.Generator, request: t
 
 
 # --- the order population -------------------------------------------------------------------------
-# Every response holds the same kinds of sentences; the attributes but `polite` only ARRANGE them.  A mean-
-# pooled frozen encoder averages its tokens (their position embeddings average out over a text's positions),
-# so arrangement reaches the embedding only through the encoder's context mixing: barely linear.  Attention
-# that is fine-tuned can see it.
+# Every response holds the same kinds of sentences; the attributes but `polite` only ARRANGE them, so a bag of
+# words does not show them.  Measured (benchmarks/finetune.py --kind text-order): all-MiniLM-L6-v2's mean-pooled
+# embedding does carry them per response (linear probes 0.95-1.00), but they are small directions next to the
+# content a pair's two responses differ in, and MRM on the frozen embedding does not find them from few pairs.
 ORDER_ATTRIBUTES = ("polite", "summary_first", "example_first", "restate_first")
 ORDER_TYPES = {
     "skimmer":   (0.35, [0.3, 1.4, 0.2, -0.3]),    # the bottom line up front
