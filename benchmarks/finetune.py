@@ -33,6 +33,7 @@ from mrm_ray import config as config_mod  # noqa: E402
 from mrm_ray.core.metrics import paired  # noqa: E402
 from mrm_ray.data import contract as C  # noqa: E402
 from mrm_ray.data import runs, storage  # noqa: E402
+from mrm_ray.synth_text import SCHEMES  # noqa: E402
 
 
 def chain(pairs: str, work: str, model: str) -> tuple[dict, object]:
@@ -65,7 +66,7 @@ def probe(emb_uri: str, attributes: list[str]) -> list[float]:
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--users", type=int, default=200, help="users of the text population (16 pairs each, as the demo)")
-    p.add_argument("--kind", choices=("text", "text-hard", "text-order"), default="text",
+    p.add_argument("--kind", choices=tuple(SCHEMES), default="text",
                    help="the demo's text population; text-hard: attributes that are relations, not linear in the "
                         "frozen embedding; text-order: attributes that only reorder the same sentences")
     p.add_argument("--workdir", default=None, help="where the tables and runs go (default: a temp folder)")

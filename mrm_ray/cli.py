@@ -30,7 +30,7 @@ def _synth_args(p) -> None:
     p.add_argument("--out", required=True, help="output table URI (local path or s3://bucket/prefix)")
     p.add_argument("--users", type=int, help="number of users (default: 2000, or the --population's own)")
     p.add_argument("--pairs-per-user", type=int, default=20, help="mean preference pairs per user (ragged)")
-    p.add_argument("--kind", choices=("embedding", "text", "text-hard", "text-order"), default="embedding",
+    p.add_argument("--kind", default="embedding",     # checked by mrm synth against the schemes it knows
                    help="embedding: an embeddings table (train directly); text: a pairs table (run mrm embed); "
                         "text-hard: a pairs table whose attributes (relations between request and response) a "
                         "frozen encoder does not carry linearly; text-order: one whose attributes only reorder "

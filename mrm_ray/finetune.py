@@ -129,9 +129,14 @@ def val_chunks(data: dict, val_rows: np.ndarray, batch_pairs: int) -> list[tuple
     val_users = np.unique(users[val_rows])
     per_user = np.bincount(np.searchsorted(val_users, users[val_rows]), minlength=len(val_users))
     bounds = np.searchsorted(np.cumsum(per_user), np.arange(batch_pairs, per_user.sum(), batch_pairs), "right")
+    cuts = np.unique(bounds)                       # chunk i holds val_users[cuts[i-1]:cuts[i]]
+    pos = np.minimum(np.searchsorted(val_users, users), len(val_users) - 1)
+    chunk = np.where(val_users[pos] == users, np.searchsorted(cuts, pos, "right"), -1)   # -1: no validation
+    order = np.argsort(chunk, kind="stable")       # one pass over the rows, each chunk's rows in order
+    starts = np.searchsorted(chunk[order], np.arange(len(cuts) + 2))
     out = []
-    for chunk in np.split(val_users, np.unique(bounds)):
-        rows = np.flatnonzero(np.isin(users, chunk))
+    for lo, hi in zip(starts[:-1], starts[1:]):
+        rows = order[lo:hi]
         if len(rows):
             out.append((rows, ~data["val"][rows]))
     return out
@@ -221,11 +226,11 @@ def finetune_worker(config: dict) -> None:
             x, mask = enc._pad(ids, enc.left_pad)
             f = POOLING[enc.pooling](self.base(input_ids=x, attention_mask=mask).last_hidden_state, mask)
             user = torch.as_tensor(data["user"][rows], device=device)
-            if not meta:
+            if meta:
+                s = torch.as_tensor(support, device=device)
+                m = self.factors.margins(f[:len(rows)], f[len(rows):], user, s)[~s]
+            else:
                 m = self.factors.margins(f[:len(rows)], f[len(rows):], user)
-                return pair_losses(m).sum() * weight, int((m > 0).sum())
-            s = torch.as_tensor(support, device=device)
-            m = self.factors.margins(f[:len(rows)], f[len(rows):], user, s)[~s]
             return pair_losses(m).sum() * weight, int((m > 0).sum())
 
     tuner = Tuner()

@@ -167,3 +167,33 @@ def test_demo_finetune_runs_the_chain_on_both_backbones(setup, ray_local, tmp_pa
     assert not np.allclose(np.stack(frozen.column(C.CHOSEN_EMB).to_numpy(zero_copy_only=False)),
                            np.stack(again.column(C.CHOSEN_EMB).to_numpy(zero_copy_only=False)))
     assert storage.read_json(str(tmp_path / "d" / "summary.json"))["finetuned"] == tuned
+
+
+def test_validation_chunks_equal_a_plain_membership_loop():
+    """val_chunks groups rows in one pass; a plain loop over chunks of whole users with np.isin gives the same."""
+    from mrm_ray.finetune import val_chunks
+
+    def loop(data, val_rows, batch_pairs):
+        users = data["user"]
+        val_users = np.unique(users[val_rows])
+        chunks, seen = {}, 0
+        for u in val_users:   # a user goes to the chunk of batch_pairs validation pairs where its last one falls
+            seen += int((users[val_rows] == u).sum())
+            chunks.setdefault((seen - 1) // batch_pairs, []).append(u)
+        out = []
+        for chunk in chunks.values():
+            rows = np.flatnonzero(np.isin(users, chunk))
+            out.append((rows, ~data["val"][rows]))
+        return out
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        n = int(rng.integers(1, 120))
+        users = np.array([f"u{k:03d}" for k in rng.integers(0, int(rng.integers(1, 30)), n)])
+        val = rng.random(n) < rng.random()
+        val[int(rng.integers(n))] = True
+        data, batch_pairs = {"user": users, "val": val}, int(rng.integers(1, 20))
+        got, want = val_chunks(data, np.flatnonzero(val), batch_pairs), loop(data, np.flatnonzero(val), batch_pairs)
+        assert len(got) == len(want)
+        for (rows, support), (want_rows, want_support) in zip(got, want):
+            assert rows.tolist() == want_rows.tolist() and support.tolist() == want_support.tolist()
