@@ -263,8 +263,8 @@ def bench_shapes(args):
     today = res["per pair (--no-dedup)"]["per_pair_tokens"]
     for name, r in res.items():
         tokens = today if name.startswith("per pair") else r["tokens"]
-        print(f"  {name:24s} {tokens / n:8.1f} backbone tokens/pair  {r['wall']:7.1f} s wall  "
-              f"{r['backbone_seconds']:7.1f} s in the backbone")
+        print(f"  {name:24s} {tokens / n:8.1f} backbone tokens/pair ({r['padded_tokens'] / n:6.1f} with the "
+              f"batches' padding)  {r['wall']:7.1f} s wall  {r['backbone_seconds']:7.1f} s in the backbone")
     old, new = res["per pair (--no-dedup)"], res["dedup + shared prompts"]
     print(f"  tokens: {today / new['tokens']:.2f}x fewer; wall: {old['wall'] / new['wall']:.2f}x faster (Ray's start-up, "
           f"reading, the shuffle and writing included); in the backbone: "

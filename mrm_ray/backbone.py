@@ -312,20 +312,27 @@ class PairEncoder:
         return out, truncated
 
     # --- ids -> vectors ---
-    def _chunks(self, lengths: np.ndarray):
+    def _chunks(self, lengths: np.ndarray, past: np.ndarray | None = None):
         """Index groups, longest first, each under batch_tokens padded tokens.
 
         A group also ends before a text shorter than half its longest one, so no row
-        carries more padding than real tokens.
+        carries more padding than real tokens.  `past` (tree levels): each row also attends over
+        that many cached tokens, which a group pays at the cache's price (past // cache_ratio per
+        row, padded to the group's longest past).  Rows sort by their own length first, their past
+        second: sorting by the sum mixed short and long segments and padded a quarter of the
+        segment tokens of PRISM-shaped tables (benchmarks/embed.py --prism-shaped).
         """
-        order = np.argsort(-lengths, kind="stable")
+        past = np.zeros_like(lengths) if past is None else past
+        order = np.lexsort((-past, -lengths))
         start = 0
         while start < len(order):
-            longest = int(lengths[order[start]])
-            cap = max(1, self.batch_tokens // max(longest, 1))
+            longest, widest = int(lengths[order[start]]), int(past[order[start]])
             end = start + 1
-            while end < len(order) and end - start < cap and 2 * int(lengths[order[end]]) >= longest:
-                end += 1
+            while end < len(order) and 2 * int(lengths[order[end]]) >= longest:
+                wider = max(widest, int(past[order[end]]))
+                if (end - start + 1) * (longest + wider // self.cache_ratio) > self.batch_tokens:
+                    break
+                widest, end = wider, end + 1
             yield order[start:end]
             start = end
 
@@ -340,6 +347,7 @@ class PairEncoder:
             sl = slice(T - len(s), T) if left else slice(0, len(s))
             ids[i, sl] = torch.tensor(s)
             mask[i, sl] = 1
+        self.stats.padded += ids.numel()
         device = next(self.model.parameters()).device
         return ids.to(device), mask.to(device)
 
@@ -506,9 +514,8 @@ class PairEncoder:
         arena = _Arena(arena_tokens)
         while level:
             self.stats.computed += sum(n.end - n.start for n in level)
-            # Token-bounded chunks: a row costs its segment plus its past (gathered into the chunk's cache)
-            # at the cache's price.
-            for idx in self._chunks(np.array([n.end - n.start + n.start // self.cache_ratio for n in level])):
+            # Token-bounded chunks: a row costs its segment plus its past (gathered into the chunk's cache).
+            for idx in self._chunks(np.array([n.end - n.start for n in level]), np.array([n.start for n in level])):
                 chunk = [level[i] for i in idx]
                 pooled, score = self._segment_forward(chunk, distinct, arena)
                 ends = [i for i, n in enumerate(chunk) if n.ends is not None]
@@ -605,14 +612,15 @@ def _can_share_prefix(model, base, pooling: str) -> bool:
 
 class TokenStats:
     """Backbone tokens: `per_pair` a pass over every sequence given would compute, `computed` what
-    ran; `unshared` groups of several distinct sequences that shared no prefix."""
+    ran, `padded` what ran with the forward batches' padding; `unshared` groups of several distinct
+    sequences that shared no prefix."""
 
     def __init__(self):
-        self.per_pair = self.computed = self.unshared = 0
+        self.per_pair = self.computed = self.unshared = self.padded = 0
 
-    def take(self) -> tuple[int, int, int]:
-        out = (self.per_pair, self.computed, self.unshared)
-        self.per_pair = self.computed = self.unshared = 0
+    def take(self) -> tuple[int, int, int, int]:
+        out = (self.per_pair, self.computed, self.unshared, self.padded)
+        self.per_pair = self.computed = self.unshared = self.padded = 0
         return out
 
 

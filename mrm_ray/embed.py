@@ -119,9 +119,9 @@ class EmbedActor:
             ids, truncated = self.encoder.tokenize(pair_conversations(prompts, batch[C.CHOSEN], batch[C.REJECTED]))
             emb, scores = self.encoder.encode_ids(ids)
             tokens = sum(map(len, ids))
-            self.encoder.stats.take()
+            padded = self.encoder.stats.take()[3]
             return self._output(batch, emb.numpy(), scores,
-                                (n, tokens, tokens, truncated, 2 * n, 0, time.perf_counter() - t0))
+                                (n, tokens, tokens, truncated, 2 * n, 0, time.perf_counter() - t0, padded))
 
         n, keys, prompts = len(batch[C.PAIR_ID]), batch[_CONV_KEY], batch[_PROMPT_JSON]
         # Distinct (prompt, response) texts first (tokenizing is not free either); texts[i] is pair i % n's
@@ -137,11 +137,12 @@ class EmbedActor:
         ids, truncated = self.encoder.tokenize(conversations([json.loads(texts[i][0]) for i in first],
                                                              [texts[i][1] for i in first]))
         emb, scores = self.encoder.encode_distinct(ids, [keys[i % n] for i in first])
-        _, computed, unshared = self.encoder.stats.take()
+        _, computed, unshared, padded = self.encoder.stats.take()
         per_pair = int(sum(len(ids[j]) for j in inverse))   # what a pass over every pair's two texts computes
         inv = torch.as_tensor(inverse)
         return self._output(batch, emb[inv].numpy(), scores[inv] if scores is not None else None,
-                            (n, per_pair, computed, truncated, len(first), unshared, time.perf_counter() - t0))
+                            (n, per_pair, computed, truncated, len(first), unshared, time.perf_counter() - t0,
+                             padded))
 
     def _output(self, batch, emb: np.ndarray, scores, totals: tuple) -> dict[str, np.ndarray]:
         """The keys and the chosen/rejected halves of (2n, d) embeddings; totals go to the progress actor."""
@@ -173,8 +174,10 @@ class _Progress:
     """Totals reported by the actors (a tiny Ray actor with no CPU reservation)."""
 
     # backbone_s: seconds inside tokenization and the backbone, summed over replicas (the stage's wall time
-    # also holds Ray's start-up, reading, the shuffle and writing)
-    FIELDS = ("rows", "per_pair_tokens", "tokens", "truncated", "distinct_texts", "unshared_groups", "backbone_s")
+    # also holds Ray's start-up, reading, the shuffle and writing); padded_tokens: tokens the forward
+    # batches ran, their padding included
+    FIELDS = ("rows", "per_pair_tokens", "tokens", "truncated", "distinct_texts", "unshared_groups", "backbone_s",
+              "padded_tokens")
 
     def __init__(self):
         self.totals = dict.fromkeys(self.FIELDS, 0)
@@ -322,6 +325,7 @@ def embed(pairs: str, out: str, model: str = "auto", pooling: str = "auto", dtyp
              2 * t["rows"], t["truncated"], max_length, t["unshared_groups"])
     return {"pairs": t["rows"], "seconds": round(dt, 1), "pairs_per_s": t["rows"] / dt,
             "tokens_per_s": t["tokens"] / dt, "tokens": t["tokens"], "per_pair_tokens": t["per_pair_tokens"],
+            "padded_tokens": t["padded_tokens"],
             "distinct_texts": t["distinct_texts"], "unshared_groups": t["unshared_groups"],
             "backbone_seconds": round(t["backbone_s"], 3), "truncated": t["truncated"], "model": model,
             "pooling": pooling, "dtype": compute, "out": out}

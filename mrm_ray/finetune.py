@@ -127,6 +127,8 @@ def val_chunks(data: dict, val_rows: np.ndarray, batch_pairs: int) -> list[tuple
     user adapts on all its train pairs (support) and is scored on its validation pairs."""
     users = data["user"]
     val_users = np.unique(users[val_rows])
+    if not len(val_users):                         # a worker whose users have no validation pairs
+        return []
     per_user = np.bincount(np.searchsorted(val_users, users[val_rows]), minlength=len(val_users))
     bounds = np.searchsorted(np.cumsum(per_user), np.arange(batch_pairs, per_user.sum(), batch_pairs), "right")
     cuts = np.unique(bounds)                       # chunk i holds val_users[cuts[i-1]:cuts[i]]

@@ -148,9 +148,10 @@ def test_shared_prompts_and_repeated_texts_run_once(models, plain_model, side, t
     for got, want in ((emb[:n], reference["chosen_emb"]), (emb[n:], reference["rejected_emb"]),
                       (scores[:n], reference["chosen_score"]), (scores[n:], reference["rejected_score"])):
         torch.testing.assert_close(got, want.float(), atol=ATOL, rtol=1e-4)
-    per_pair, computed, unshared = enc.stats.take()
+    per_pair, computed, unshared, padded = enc.stats.take()
     assert per_pair == sum(map(len, ids)) and unshared == 0
     assert computed == expected_tokens(ids, keys) and computed < per_pair / 2
+    assert computed <= padded <= 2 * computed
 
 
 def test_radix_tree_known_answer_and_arena_offsets(models):
@@ -168,6 +169,28 @@ def test_radix_tree_known_answer_and_arena_offsets(models):
     batches = list(enc._tree_batches([shared, lone, other]))
     assert [tokens for _, tokens in batches] == [2, 2]        # [1,2] and [7,8] cached; the lone root is not
     assert batches[0][0] == [shared, lone] and (shared.off, other.off) == (0, 0)
+
+
+def test_chunks_cover_every_row_once_within_budget(models):
+    """Token-bounded groups: every row once, longest first; a group of several rows keeps its rows'
+    own lengths within half of its longest and its padded cost (segment + past at the cache's price)
+    under batch_tokens; rows of equal length come longest past first."""
+    model, tok = backbone.load_backbone(models["right"], device="cpu", dtype="float32")
+    enc = backbone.PairEncoder(model, tok, batch_tokens=64)
+    enc.cache_ratio = 4
+    rng = np.random.default_rng(0)
+    for past in (None, rng.integers(0, 200, 300)):
+        lengths = rng.integers(1, 80, 300)
+        groups = list(enc._chunks(lengths, past))
+        assert sorted(np.concatenate(groups).tolist()) == list(range(300))
+        p = np.zeros_like(lengths) if past is None else past
+        order = np.concatenate(groups)
+        assert (np.diff(lengths[order]) <= 0).all()
+        assert (np.diff(p[order])[np.diff(lengths[order]) == 0] <= 0).all()
+        for g in groups:
+            if len(g) > 1:
+                assert 2 * lengths[g].min() >= lengths[g].max()
+                assert len(g) * (lengths[g].max() + p[g].max() // enc.cache_ratio) <= enc.batch_tokens
 
 
 def test_no_sharing_is_exactly_the_full_pass(models):
@@ -276,6 +299,7 @@ def test_pipeline_runs_each_text_and_prompt_once(ray_local, tmp_path, models):
     assert plain["tokens"] == plain["per_pair_tokens"] == summary["per_pair_tokens"]   # the plain pass
     for s in (summary, plain):   # time inside the backbone: reported, and part of the stage's wall time
         assert 0 < s["backbone_seconds"] <= s["seconds"]
+        assert s["tokens"] <= s["padded_tokens"] <= 2 * s["tokens"]   # no row pads more than its own length
 
 
 def test_pipeline_all_distinct_mean_pooling_is_todays_output(ray_local, tmp_path, models):

@@ -197,3 +197,4 @@ def test_validation_chunks_equal_a_plain_membership_loop():
         assert len(got) == len(want)
         for (rows, support), (want_rows, want_support) in zip(got, want):
             assert rows.tolist() == want_rows.tolist() and support.tolist() == want_support.tolist()
+    assert val_chunks({"user": np.array(["u1", "u2"]), "val": np.zeros(2, bool)}, np.array([], int), 4) == []
