@@ -315,8 +315,8 @@ class PairEncoder:
     def _chunks(self, lengths: np.ndarray, past: np.ndarray | None = None):
         """Index groups, longest first, each under batch_tokens padded tokens.
 
-        A group also ends before a text shorter than half its longest one, so no row
-        carries more padding than real tokens.  `past` (tree levels): each row also attends over
+        A group also ends before a text shorter than half its longest one, so no row's
+        text (segment) carries more padding than real tokens.  `past` (tree levels): each row also attends over
         that many cached tokens, which a group pays at the cache's price (past // cache_ratio per
         row, padded to the group's longest past).  Rows sort by their own length first, their past
         second: sorting by the sum mixed short and long segments and padded a quarter of the
@@ -330,7 +330,7 @@ class PairEncoder:
             end = start + 1
             while end < len(order) and 2 * int(lengths[order[end]]) >= longest:
                 wider = max(widest, int(past[order[end]]))
-                if (end - start + 1) * (longest + wider // self.cache_ratio) > self.batch_tokens:
+                if (end - start + 1) * max(longest + wider // self.cache_ratio, 1) > self.batch_tokens:
                     break
                 widest, end = wider, end + 1
             yield order[start:end]

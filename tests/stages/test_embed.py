@@ -171,10 +171,23 @@ def test_radix_tree_known_answer_and_arena_offsets(models):
     assert batches[0][0] == [shared, lone] and (shared.off, other.off) == (0, 0)
 
 
+def _plain_chunks(lengths, batch_tokens):
+    """Length-sorted groups as a loop: at most batch_tokens // longest rows, none under half the longest."""
+    order, groups = sorted(range(len(lengths)), key=lambda i: -lengths[i]), []
+    for i in order:
+        g = groups[-1] if groups else None
+        if g and len(g) < max(1, batch_tokens // lengths[g[0]]) and 2 * lengths[i] >= lengths[g[0]]:
+            g.append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
 def test_chunks_cover_every_row_once_within_budget(models):
     """Token-bounded groups: every row once, longest first; a group of several rows keeps its rows'
     own lengths within half of its longest and its padded cost (segment + past at the cache's price)
-    under batch_tokens; rows of equal length come longest past first."""
+    under batch_tokens, and takes the next row unless that breaks one of the two; rows of equal length
+    come longest past first.  Without a past, the groups are a plain loop's."""
     model, tok = backbone.load_backbone(models["right"], device="cpu", dtype="float32")
     enc = backbone.PairEncoder(model, tok, batch_tokens=64)
     enc.cache_ratio = 4
@@ -187,10 +200,16 @@ def test_chunks_cover_every_row_once_within_budget(models):
         order = np.concatenate(groups)
         assert (np.diff(lengths[order]) <= 0).all()
         assert (np.diff(p[order])[np.diff(lengths[order]) == 0] <= 0).all()
-        for g in groups:
+        for g, after in zip(groups, groups[1:] + [None]):
             if len(g) > 1:
                 assert 2 * lengths[g].min() >= lengths[g].max()
                 assert len(g) * (lengths[g].max() + p[g].max() // enc.cache_ratio) <= enc.batch_tokens
+            if after is not None:                      # the next row did not fit
+                more = np.append(g, after[0])
+                assert (2 * lengths[after[0]] < lengths[g].max()
+                        or len(more) * (lengths[more].max() + p[more].max() // enc.cache_ratio) > enc.batch_tokens)
+        if past is None:
+            assert [g.tolist() for g in groups] == _plain_chunks(lengths.tolist(), enc.batch_tokens)
 
 
 def test_no_sharing_is_exactly_the_full_pass(models):
