@@ -126,22 +126,16 @@ def val_chunks(data: dict, val_rows: np.ndarray, batch_pairs: int) -> list[tuple
     """objective=meta: validation in chunks of whole users, about batch_pairs validation pairs each: every
     user adapts on all its train pairs (support) and is scored on its validation pairs."""
     users = data["user"]
-    val_users = np.unique(users[val_rows])
+    val_users, per_user = np.unique(users[val_rows], return_counts=True)
     if not len(val_users):                         # a worker whose users have no validation pairs
         return []
-    per_user = np.bincount(np.searchsorted(val_users, users[val_rows]), minlength=len(val_users))
-    bounds = np.searchsorted(np.cumsum(per_user), np.arange(batch_pairs, per_user.sum(), batch_pairs), "right")
-    cuts = np.unique(bounds)                       # chunk i holds val_users[cuts[i-1]:cuts[i]]
+    # A user goes to the chunk of batch_pairs validation pairs in which its last one falls.
+    user_chunk = (np.cumsum(per_user) - 1) // batch_pairs
     pos = np.minimum(np.searchsorted(val_users, users), len(val_users) - 1)
-    chunk = np.where(val_users[pos] == users, np.searchsorted(cuts, pos, "right"), -1)   # -1: no validation
+    chunk = np.where(val_users[pos] == users, user_chunk[pos], -1)   # -1: a user without validation pairs
     order = np.argsort(chunk, kind="stable")       # one pass over the rows, each chunk's rows in order
-    starts = np.searchsorted(chunk[order], np.arange(len(cuts) + 2))
-    out = []
-    for lo, hi in zip(starts[:-1], starts[1:]):
-        rows = order[lo:hi]
-        if len(rows):
-            out.append((rows, ~data["val"][rows]))
-    return out
+    ids, starts = np.unique(chunk[order], return_index=True)
+    return [(rows, ~data["val"][rows]) for c, rows in zip(ids, np.split(order, starts[1:])) if c >= 0]
 
 
 # --- 2. the workers -----------------------------------------------------------------------------------
