@@ -213,9 +213,12 @@ def finetune_worker(config: dict) -> None:
             super().__init__()
             self.base, self.factors = enc.base, factors
 
-        def forward(self, rows: np.ndarray, weight: float = 1.0, support: np.ndarray | None = None):
+        def forward(self, rows: np.ndarray, weight: float = 1.0, support: np.ndarray | None = None,
+                    train: bool = True):
             """(sum of the rows' pair losses x weight, correct count); objective=meta: each user of the rows
-            adapts on its `support` rows and the loss and count are the other (query) rows'."""
+            adapts on its `support` rows and the loss and count are the other (query) rows'; with `shared`,
+            training adds the query rows' losses under the unadapted start w0 (validation scores only the
+            adapted margins)."""
             convs = pair_conversations([data["prompt"][i] for i in rows], [data["chosen"][i] for i in rows],
                                        [data["rejected"][i] for i in rows])
             ids, _ = enc.tokenize(convs)
@@ -227,7 +230,10 @@ def finetune_worker(config: dict) -> None:
                 m = self.factors.margins(f[:len(rows)], f[len(rows):], user, s)[~s]
             else:
                 m = self.factors.margins(f[:len(rows)], f[len(rows):], user)
-            return pair_losses(m).sum() * weight, int((m > 0).sum())
+            loss = pair_losses(m).sum()
+            if meta and cfg.shared and train:
+                loss = loss + pair_losses(self.factors.start_margins(f[:len(rows)], f[len(rows):])[~s]).sum()
+            return loss * weight, int((m > 0).sum())
 
     tuner = Tuner()
     groups = [{"params": [p for p in enc.base.parameters() if p.requires_grad], "lr": cfg.lr},
@@ -286,7 +292,7 @@ def finetune_worker(config: dict) -> None:
             for c in range(int(most.item())):
                 rows, sup = chunks[c] if c < len(chunks) else (np.array([], np.int64), None)
                 loss, right = engine(rows if len(rows) else spare, 1.0 if len(rows) else 0.0,
-                                     sup if len(rows) else no)
+                                     sup if len(rows) else no, train=False)
                 v_loss, v_right = v_loss + loss.item(), v_right + (right if len(rows) else 0)
             v_loss, v_right = total(v_loss, v_right)
         enc.base.train(cfg.dropout)

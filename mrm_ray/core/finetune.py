@@ -36,12 +36,14 @@ class FinetuneConfig:
     seen_ratio: float = TrainConfig.seen_ratio
     min_train_pairs: int = TrainConfig.min_train_pairs
     val_ratio: float = TrainConfig.val_ratio
-    epochs: int = 4
+    epochs: int = 8                # the best epoch on the validation carve is kept (README: 8 against 4)
     batch_pairs: int = 32          # pairs per optimizer step, all workers together
     lr: float = 1e-4               # the backbone's trained blocks
     head_lr: float = 1e-2          # P and the per-user weights
     rank: int = 8                  # K, the number of shared directions
-    shared: bool = False           # objective=factors: add weights common to all users to each user's own
+    shared: bool = False           # objective=factors: add weights common to all users to each user's own;
+                                   # objective=meta: also fit the start w0 as the population's reward (its
+                                   # Bradley-Terry loss on the query pairs, added to theirs after adaptation)
     objective: str = "meta"        # "meta": MRM's meta-objective, the head adapted per user on support pairs and
                                    # scored on query pairs (MetaHead); "factors": a free weight vector per seen
                                    # user (UserFactors).  Chosen on three text populations (README)
@@ -139,6 +141,10 @@ class MetaHead(nn.Module):
             grad = torch.zeros_like(w).index_add(0, user, (-torch.sigmoid(-m) * s)[:, None] * d) / count
             w = w - self.log_lr.exp() * grad
         return w
+
+    def start_margins(self, chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+        """Every pair's margin under the shared start w0, before any adaptation."""
+        return ((chosen - rejected).float() @ self.proj.T) @ self.init
 
     def margins(self, chosen: torch.Tensor, rejected: torch.Tensor, user: torch.Tensor,
                 support: torch.Tensor) -> torch.Tensor:

@@ -89,3 +89,12 @@ def test_meta_query_loss_reaches_the_features_through_the_adaptation():
     m = head.margins(chosen, rejected, user, support)
     pair_losses(m[~support]).sum().backward()
     assert chosen.grad[support].abs().sum() > 0 and head.log_lr.grad.abs() > 0
+
+
+def test_meta_start_margins_are_w0_on_the_projected_difference():
+    g = torch.Generator().manual_seed(6)
+    chosen, rejected = torch.randn(5, 6, generator=g), torch.randn(5, 6, generator=g)
+    head = MetaHead(6, 3, seed=1)
+    want = [float(head.init @ (head.proj @ (chosen[i] - rejected[i]))) for i in range(5)]
+    got = head.start_margins(chosen, rejected).tolist()
+    assert all(math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-6) for a, b in zip(got, want)), (got, want)
