@@ -43,7 +43,8 @@ class FinetuneConfig:
     rank: int = 8                  # K, the number of shared directions
     shared: bool = False           # objective=factors: add weights common to all users to each user's own;
                                    # objective=meta: also fit the start w0 as the population's reward (its
-                                   # Bradley-Terry loss on the query pairs, added to theirs after adaptation)
+                                   # Bradley-Terry loss on the query pairs, added to theirs after adaptation;
+                                   # train_loss is then the sum of both, validation the adapted users' alone)
     objective: str = "meta"        # "meta": MRM's meta-objective, the head adapted per user on support pairs and
                                    # scored on query pairs (MetaHead); "factors": a free weight vector per seen
                                    # user (UserFactors).  Chosen on three text populations (README)
