@@ -53,3 +53,18 @@ def adapt_one_user(theta0: torch.Tensor, w: torch.Tensor, ch: torch.Tensor, rj: 
 
 def user_vector(theta: torch.Tensor, w: torch.Tensor, weights: str) -> torch.Tensor:
     return mixing(theta.double(), weights) @ w.detach().double()
+
+
+def meta_margins_loop(head, chosen, rejected, user, support) -> list[float]:
+    """Per user, plain autograd: w0 -> `steps` gradient steps of the mean support loss -> margins."""
+    out, d = [], (chosen - rejected) @ head.proj.detach().T
+    for i in range(len(user)):
+        mine = [j for j in range(len(user)) if user[j] == user[i] and support[j]]
+        w = head.init.detach().clone().requires_grad_(True)
+        for _ in range(head.steps):
+            if mine:
+                loss = torch.stack([F.softplus(-(w @ d[j])) for j in mine]).mean()
+                (g,) = torch.autograd.grad(loss, w)
+                w = (w - head.log_lr.exp().detach() * g).detach().requires_grad_(True)
+        out.append(float(w @ d[i]))
+    return out

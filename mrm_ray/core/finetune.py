@@ -143,14 +143,18 @@ class MetaHead(nn.Module):
             w = w - self.log_lr.exp() * grad
         return w
 
+    def project(self, chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+        """d = P (f(chosen) - f(rejected)), [n, K]."""
+        return (chosen - rejected).float() @ self.proj.T
+
     def start_margins(self, chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
         """Every pair's margin under the shared start w0, before any adaptation."""
-        return ((chosen - rejected).float() @ self.proj.T) @ self.init
+        return self.project(chosen, rejected) @ self.init
 
     def margins(self, chosen: torch.Tensor, rejected: torch.Tensor, user: torch.Tensor,
                 support: torch.Tensor) -> torch.Tensor:
         """Every pair's margin under its user's adapted weights (user: any ids; support: bool per pair)."""
-        d = (chosen - rejected).float() @ self.proj.T
+        d = self.project(chosen, rejected)
         local, index = torch.unique(user, return_inverse=True)
         return (self.adapted(d, index, support, len(local))[index] * d).sum(-1)
 

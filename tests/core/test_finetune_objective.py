@@ -6,6 +6,7 @@ import math
 import torch
 
 from mrm_ray.core.finetune import MetaHead, UserFactors, pair_losses
+from reference_loops import meta_margins_loop
 
 
 def _loop_margins(f: UserFactors, chosen, rejected, user) -> list[float]:
@@ -49,22 +50,6 @@ def test_pair_loss_is_minus_log_sigmoid():
     torch.testing.assert_close(pair_losses(m), -torch.log(torch.sigmoid(m)))
 
 
-def _loop_meta_margins(head: MetaHead, chosen, rejected, user, support) -> list[float]:
-    """Per user, plain autograd: w0 -> `steps` gradient steps of the mean support loss -> margins."""
-    out = []
-    for i in range(len(user)):
-        d = (chosen - rejected) @ head.proj.detach().T
-        mine = [j for j in range(len(user)) if user[j] == user[i] and support[j]]
-        w = head.init.detach().clone().requires_grad_(True)
-        for _ in range(head.steps):
-            if mine:
-                loss = torch.stack([pair_losses(w @ d[j]) for j in mine]).mean()
-                (g,) = torch.autograd.grad(loss, w)
-                w = (w - head.log_lr.exp().detach() * g).detach().requires_grad_(True)
-        out.append(float(w @ d[i]))
-    return out
-
-
 def test_meta_head_adapts_each_user_like_a_plain_autograd_loop():
     g = torch.Generator().manual_seed(4)
     chosen, rejected = torch.randn(9, 6, generator=g), torch.randn(9, 6, generator=g)
@@ -72,7 +57,7 @@ def test_meta_head_adapts_each_user_like_a_plain_autograd_loop():
     support = torch.tensor([True, True, False, False, True, True, True, False, False])
     head = MetaHead(dim=6, rank=3, seed=2, lr=0.7, steps=3)
     got = head.margins(chosen, rejected, user, support).tolist()
-    want = _loop_meta_margins(head, chosen, rejected, user.tolist(), support.tolist())
+    want = meta_margins_loop(head, chosen, rejected, user.tolist(), support.tolist())
     assert all(math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-6) for a, b in zip(got, want)), (got, want)
     # user 5 kept the shared start: its margin is w0 . d
     d = (chosen[8] - rejected[8]) @ head.proj.T

@@ -18,6 +18,7 @@ from mrm_ray.core.finetune import FinetuneConfig
 from mrm_ray.data import contract as C
 from mrm_ray.data import shards, storage
 from mrm_ray.finetune import finetune
+from reference_loops import meta_margins_loop
 from tiny_models import tiny_reward_model
 
 TOL = 1e-5   # per-step loss, float32: the workers' partial sums are added in another order
@@ -110,9 +111,9 @@ def test_the_saved_backbone_loads_and_embeds_like_the_fine_tuned_model(setup, on
 
 
 def plain_validation(setup, name: str, summary: dict) -> tuple[float, int, int, int]:
-    """The last epoch's validation recomputed from its checkpoint one user at a time: each pair embedded alone,
-    the user's weights adapted by plain gradient steps on all its train pairs, then scored on its validation
-    pairs.  Returns (mean loss, correct, pairs, margins within 1e-4 of 0)."""
+    """The last epoch's validation recomputed from its checkpoint: each pair embedded alone, each user adapted on
+    all its train pairs by a plain autograd loop (reference_loops), scored on its validation pairs.  Returns
+    (mean loss, correct, pairs, margins within 1e-4 of 0)."""
     from mrm_ray.backbone import PairEncoder, encode_pairs, load_backbone
     from mrm_ray.core.finetune import MetaHead, pair_losses
     from mrm_ray.finetune import worker_pairs
@@ -122,25 +123,17 @@ def plain_validation(setup, name: str, summary: dict) -> tuple[float, int, int, 
     params = torch.load(state, weights_only=False)["module"]
     model, tok = load_backbone(setup["model"], device="cpu", dtype="float32")
     PairEncoder(model, tok).base.load_state_dict({k[5:]: v for k, v in params.items() if k.startswith("base.")})
-    head = MetaHead(model.config.hidden_size, cfg.rank)
+    head = MetaHead(model.config.hidden_size, cfg.rank, steps=cfg.inner_steps)
     head.load_state_dict({k[8:]: v for k, v in params.items() if k.startswith("factors.")})
     data = worker_pairs(str(out), storage.read_table(str(out / "users.parquet")), cfg, list(range(cfg.buckets)))
-    margins = []
+    rows = np.flatnonzero(np.isin(data["user"], data["user"][data["val"]]))   # the users with validation pairs
     with torch.no_grad():
-        for u in np.unique(data["user"][data["val"]]):
-            d = []
-            for i in np.flatnonzero(data["user"] == u):
-                chosen, rejected = encode_pairs(model, tok, [{C.PROMPT: data["prompt"][i], C.CHOSEN: data["chosen"][i],
-                                                              C.REJECTED: data["rejected"][i]}])
-                d.append(((chosen - rejected)[0] @ head.proj.T, bool(data["val"][i])))
-            w = head.init.clone()
-            for _ in range(cfg.inner_steps):
-                support = [x for x, val in d if not val]
-                w = w - head.log_lr.exp() * sum(-torch.sigmoid(-(w @ x)) * x for x in support) / len(support)
-            margins += [float(w @ x) for x, val in d if val]
-    m = np.array(margins)
-    return (float(np.mean([float(pair_losses(torch.tensor(x))) for x in m])), int((m > 0).sum()), len(m),
-            int((np.abs(m) < 1e-4).sum()))
+        pairs = [encode_pairs(model, tok, [{C.PROMPT: data["prompt"][i], C.CHOSEN: data["chosen"][i],
+                                            C.REJECTED: data["rejected"][i]}]) for i in rows]
+    chosen, rejected = torch.cat([c for c, _ in pairs]), torch.cat([r for _, r in pairs])
+    margins = meta_margins_loop(head, chosen, rejected, data["user"][rows].tolist(), (~data["val"][rows]).tolist())
+    m = torch.tensor(margins)[torch.as_tensor(data["val"][rows])]
+    return float(pair_losses(m).mean()), int((m > 0).sum()), len(m), int((m.abs() < 1e-4).sum())
 
 
 def assert_validation_recorded(setup, name: str, summary: dict) -> None:
