@@ -4,12 +4,19 @@
     python benchmarks/finetune.py --kind text-hard      # relations the frozen encoder does not carry linearly
     python benchmarks/finetune.py --kind text-order     # attributes that only reorder the same sentences
     python benchmarks/finetune.py --users 400 top_layers=0 epochs=6
+    python benchmarks/finetune.py --kind text-hard --supervised   # could the trained blocks learn each attribute?
 
 For each backbone: `mrm embed` -> `mrm train` (the defaults, one process) -> `mrm evaluate`; the fine-tuned
 one is `mrm finetune` on the same pairs table first (seen users' train pairs only).  Prints unseen and seen
 users' accuracy, the shared Bradley-Terry baseline, the paired difference over unseen users with its 95 %
 interval, and how long fine-tuning took; then how linearly visible each response attribute is in each
 backbone's embedding: a ridge probe fitted on half the users' responses, its accuracy on the other half's.
+
+`--supervised` asks instead whether the blocks `mrm finetune` trains COULD make each attribute visible: it
+trains them (the config's `top_layers`, `lr`, `max_length`; the backbone's dropout on) with a linear head
+on the responses' true 0/1 attributes, on the same users' responses as the probe fits on, and prints the
+held-out users' accuracy per attribute after every epoch.  An attribute this does not learn is out of reach
+of fine-tuning from preferences, which see the attributes only through a few noisy pairs per user.
 """
 from __future__ import annotations
 
@@ -63,6 +70,60 @@ def probe(emb_uri: str, attributes: list[str]) -> list[float]:
     return [float(((x[held] @ w[:, j] > 0) == (y[held, j] > 0)).mean()) for j in range(len(attributes))]
 
 
+def supervised(pairs: str, model: str, cfg, epochs: int, attributes: list[str]) -> None:
+    """The --supervised diagnostic (module docstring): per epoch, held-out users' accuracy per attribute."""
+    import torch
+    import torch.nn.functional as F
+
+    from mrm_ray.backbone import POOLING, PairEncoder, conversations, load_backbone
+    from mrm_ray.core.finetune import select_trainable
+
+    table = storage.read_table(pairs).to_pandas().set_index(C.PAIR_ID)
+    truth = storage.read_table(storage.join(pairs, "_truth_pairs")).to_pandas().set_index(C.PAIR_ID).loc[table.index]
+    prompts = list(table[C.PROMPT]) * 2
+    responses = list(table[C.CHOSEN]) + list(table[C.REJECTED])
+    y = torch.tensor(np.concatenate([np.stack(truth["chosen_attrs"].to_numpy()),
+                                     np.stack(truth["rejected_attrs"].to_numpy())]), dtype=torch.float32)
+    user = np.tile(table[C.USER_ID].str.slice(4).astype(int).to_numpy(), 2)
+    fit, held = np.flatnonzero(user % 2 == 0), np.flatnonzero(user % 2 == 1)
+    torch.manual_seed(cfg.seed)
+    backbone, tok = load_backbone(model, device="cpu", dtype="float32")
+    enc = PairEncoder(backbone, tok, max_length=cfg.max_length)
+    trained = select_trainable(enc.base, cfg.top_layers)
+    head = torch.nn.Linear(backbone.config.get_text_config().hidden_size, len(attributes))
+    opt = torch.optim.AdamW([{"params": [p for p in enc.base.parameters() if p.requires_grad], "lr": cfg.lr},
+                             {"params": head.parameters(), "lr": cfg.head_lr}])
+
+    def logits(rows) -> torch.Tensor:
+        ids, _ = enc.tokenize(conversations([prompts[i] for i in rows], [responses[i] for i in rows]))
+        x, mask = enc._pad(ids, enc.left_pad)
+        return head(POOLING[enc.pooling](enc.base(input_ids=x, attention_mask=mask).last_hidden_state, mask))
+
+    def held_out() -> str:
+        enc.base.eval()
+        with torch.no_grad():
+            z = torch.cat([logits(held[c:c + 128]) for c in range(0, len(held), 128)])
+        enc.base.train()
+        return " ".join(f"{float(((z[:, j] > 0) == (y[held, j] > 0)).float().mean()):14.3f}"
+                        for j in range(len(attributes)))
+
+    print(f"supervised: {trained:,} parameters (top_layers={cfg.top_layers}) and a linear head trained on the "
+          f"true attributes of {len(fit)} responses (even users), accuracy on {len(held)} (odd users)")
+    print(f"{'epoch':12s} " + " ".join(f"{a:>14s}" for a in attributes))
+    print(f"{0:<12d} {held_out()}", flush=True)
+    rng, t0 = np.random.default_rng(cfg.seed), time.time()
+    enc.base.train()
+    for epoch in range(epochs):
+        order = rng.permutation(fit)
+        for c in range(0, len(order), cfg.batch_pairs):
+            rows = order[c:c + cfg.batch_pairs]
+            loss = F.binary_cross_entropy_with_logits(logits(rows), y[rows])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        print(f"{epoch + 1:<12d} {held_out()}   ({time.time() - t0:.0f} s)", flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--users", type=int, default=200, help="users of the text population (16 pairs each, as the demo)")
@@ -70,6 +131,9 @@ def main():
                    help="the demo's text population; text-hard: attributes that are relations, not linear in the "
                         "frozen embedding; text-order: attributes that only reorder the same sentences")
     p.add_argument("--workdir", default=None, help="where the tables and runs go (default: a temp folder)")
+    p.add_argument("--supervised", type=int, nargs="?", const=3, default=0, metavar="EPOCHS",
+                   help="instead: train the fine-tuned blocks on the responses' true attributes for EPOCHS "
+                        "(default 3) and print how well each is learnt (module docstring)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="mrm finetune config overrides")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -82,6 +146,9 @@ def main():
     population = synth(pairs, kind=args.kind, users=args.users, pairs_per_user=16, seed=0, overwrite=True)
     oracle = population["oracle_test_accuracy"]
     cfg = load_config(overrides=args.overrides)
+    if args.supervised:
+        attributes = storage.read_json(storage.join(pairs, "_truth.json"))["attributes"]
+        return supervised(pairs, default_cpu_model(), cfg, args.supervised, attributes)
     t0 = time.time()
     summary = finetune(pairs, work + "/ft", "auto", cfg, overwrite=True)
     ft_seconds = time.time() - t0

@@ -261,6 +261,9 @@ def finetune_worker(config: dict) -> None:
     spare, no = np.array([0]), np.array([False])
     t0 = last = time.time()
     for epoch in range(len(state["history"]), cfg.epochs):
+        # the dropout draws are seeded by the epoch (and the rank), so a resumed run draws what an
+        # uninterrupted one would, and an epoch's draws do not depend on how many epochs are asked for
+        torch.manual_seed(cfg.seed * 1_000_003 + epoch * 1_009 + rank)
         # objective=meta: a step takes whole users (slots by user), half of each user's pairs (by pair hash,
         # drawn again every epoch) adapt it and the other half score it
         slot = splits.epoch_slots(data["user_hash" if meta else "hash"][train_rows], n_steps, cfg.seed, epoch)

@@ -46,7 +46,8 @@ def build_tokenizer(padding_side: str = "right", chat_template: bool = True, max
 
 
 def tiny_reward_model(out_dir, hidden_size: int = 48, layers: int = 2, padding_side: str = "right",
-                      seed: int = 0, chat_template: bool = True, max_positions: int = 512) -> str:
+                      seed: int = 0, chat_template: bool = True, max_positions: int = 512,
+                      attention_dropout: float = 0.0) -> str:
     """Save a tiny random Llama reward model + tokenizer under `out_dir`; return the path."""
     import torch
     from transformers import LlamaConfig, LlamaForSequenceClassification
@@ -58,7 +59,7 @@ def tiny_reward_model(out_dir, hidden_size: int = 48, layers: int = 2, padding_s
         vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
         num_labels=1, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)
+        eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False, attention_dropout=attention_dropout)
     torch.manual_seed(seed)
     model = LlamaForSequenceClassification(config).eval()
     # Random init gives a near-zero score head; scale it so scores differ visibly between texts.

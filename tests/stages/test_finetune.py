@@ -30,13 +30,14 @@ def setup(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("finetune")
     synth(str(root / "pairs"), kind="text", users=24, pairs_per_user=12, seed=0)
-    return {"root": root, "pairs": str(root / "pairs"), "model": tiny_reward_model(root / "model", layers=3)}
+    return {"root": root, "pairs": str(root / "pairs"), "model": tiny_reward_model(root / "model", layers=3),
+            "dropout_model": tiny_reward_model(root / "model-dropout", layers=3, attention_dropout=0.2)}
 
 
-def run(setup, name: str, **overrides) -> dict:
+def run(setup, name: str, model: str = "model", **overrides) -> dict:
     # dropout off: the trajectory checks compare steps exactly (dropout draws differ with the workers)
     cfg = FinetuneConfig(**{"epochs": 2, "batch_pairs": 16, "cpus_per_worker": 0.5, "dropout": False, **overrides})
-    return finetune(setup["pairs"], str(setup["root"] / name), setup["model"], cfg)
+    return finetune(setup["pairs"], str(setup["root"] / name), setup[model], cfg)
 
 
 @pytest.fixture(scope="module")
@@ -80,11 +81,15 @@ def test_only_seen_users_train_pairs_are_fine_tuned_on(setup, one_worker):
 
 
 def test_a_resumed_run_continues_the_same_trajectory(setup, one_worker):
-    first = run(setup, "resumed", epochs=1)
+    """With dropout on (the default): its draws are seeded per epoch, so a resume draws them again."""
+    whole = run(setup, "whole", "dropout_model", dropout=True)
+    # the same weights (the same seed) with dropout off are one_worker's: the draws are on
+    assert not np.allclose(whole["steps"], one_worker["steps"], atol=TOL, rtol=0)
+    first = run(setup, "resumed", "dropout_model", epochs=1, dropout=True)
     assert len(first["history"]) == 1
-    done = run(setup, "resumed")           # the same directory, two epochs: continues from the checkpoint
+    done = run(setup, "resumed", "dropout_model", dropout=True)   # the same directory, two epochs: continues
     assert [h["epoch"] for h in done["history"]] == [1, 2]
-    np.testing.assert_allclose(done["steps"], one_worker["steps"], atol=TOL, rtol=0)
+    np.testing.assert_allclose(done["steps"], whole["steps"], atol=TOL, rtol=0)
 
 
 def test_the_saved_backbone_loads_and_embeds_like_the_fine_tuned_model(setup, one_worker, tmp_path):
