@@ -13,8 +13,9 @@ interval, and how long fine-tuning took; then how linearly visible each response
 backbone's embedding: a ridge probe fitted on half the users' responses, its accuracy on the other half's.
 
 `--supervised` asks instead whether the blocks `mrm finetune` trains COULD make each attribute visible: it
-trains them (the config's `top_layers`, `lr`, `max_length`; the backbone's dropout on) with a linear head
-on the responses' true 0/1 attributes, on the same users' responses as the probe fits on, and prints the
+trains them (the config's `top_layers`, `lr`, `head_lr`, `max_length`; `batch_pairs` responses per AdamW
+step, torch's default weight decay; the backbone's dropout on) with a linear head on the responses' true
+0/1 attributes, on the same users' responses as the probe fits on, and prints the
 held-out users' accuracy per attribute after every epoch.  An attribute this does not learn is out of reach
 of fine-tuning from preferences, which see the attributes only through a few noisy pairs per user.
 """
@@ -131,9 +132,10 @@ def main():
                    help="the demo's text population; text-hard: attributes that are relations, not linear in the "
                         "frozen embedding; text-order: attributes that only reorder the same sentences")
     p.add_argument("--workdir", default=None, help="where the tables and runs go (default: a temp folder)")
-    p.add_argument("--supervised", type=int, nargs="?", const=3, default=0, metavar="EPOCHS",
-                   help="instead: train the fine-tuned blocks on the responses' true attributes for EPOCHS "
-                        "(default 3) and print how well each is learnt (module docstring)")
+    p.add_argument("--supervised", action="store_true",
+                   help="instead: train the fine-tuned blocks on the responses' true attributes and print how "
+                        "well each is learnt (module docstring)")
+    p.add_argument("--supervised-epochs", type=int, default=3, help="epochs of --supervised")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="mrm finetune config overrides")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -148,7 +150,7 @@ def main():
     cfg = load_config(overrides=args.overrides)
     if args.supervised:
         attributes = storage.read_json(storage.join(pairs, "_truth.json"))["attributes"]
-        return supervised(pairs, default_cpu_model(), cfg, args.supervised, attributes)
+        return supervised(pairs, default_cpu_model(), cfg, args.supervised_epochs, attributes)
     t0 = time.time()
     summary = finetune(pairs, work + "/ft", "auto", cfg, overwrite=True)
     ft_seconds = time.time() - t0
