@@ -97,8 +97,7 @@ def supervised(pairs: str, model: str, cfg, epochs: int, attributes: list[str]) 
 
     def logits(rows) -> torch.Tensor:
         ids, _ = enc.tokenize(conversations([prompts[i] for i in rows], [responses[i] for i in rows]))
-        x, mask = enc._pad(ids, enc.left_pad)
-        return head(POOLING[enc.pooling](enc.base(input_ids=x, attention_mask=mask).last_hidden_state, mask))
+        return head(POOLING[enc.pooling](*enc.hidden(ids)))
 
     def held_out() -> str:
         enc.base.eval()

@@ -356,14 +356,18 @@ class PairEncoder:
         score = self.head(pooled).float().squeeze(-1) if self.head is not None else None
         return pooled.float(), score
 
-    def _forward(self, seqs: list[list[int]]):
+    def hidden(self, seqs: list[list[int]]):
+        """(last hidden states, mask) of one padded batch of token sequences, positions counted from each
+        sequence's first real token.  No inference mode here: `mrm finetune` trains through it."""
         ids, mask = self._pad(seqs, self.left_pad)
         kwargs = {"attention_mask": mask}
         if self.pass_positions:
             kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
         with self._attention_kernels():
-            hidden = self.base(input_ids=ids, use_cache=False, **kwargs).last_hidden_state
-        return self._pooled(hidden, mask)
+            return self.base(input_ids=ids, use_cache=False, **kwargs).last_hidden_state, mask
+
+    def _forward(self, seqs: list[list[int]]):
+        return self._pooled(*self.hidden(seqs))
 
     def _attention_kernels(self):
         """On GPU, PyTorch SDPA without its cuDNN kernel: cuDNN builds a graph for every new batch shape

@@ -221,9 +221,7 @@ def finetune_worker(config: dict) -> None:
             adapted margins)."""
             convs = pair_conversations([data["prompt"][i] for i in rows], [data["chosen"][i] for i in rows],
                                        [data["rejected"][i] for i in rows])
-            ids, _ = enc.tokenize(convs)
-            x, mask = enc._pad(ids, enc.left_pad)
-            f = POOLING[enc.pooling](self.base(input_ids=x, attention_mask=mask).last_hidden_state, mask)
+            f = POOLING[enc.pooling](*enc.hidden(enc.tokenize(convs)[0]))   # as `mrm embed` runs it
             user = torch.as_tensor(data["user"][rows], device=device)
             if meta:
                 s = torch.as_tensor(support, device=device)

@@ -34,3 +34,23 @@ def test_backbone_id_names_the_embedding_space_not_the_folder():
     c = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=100)
     assert backbone.backbone_id(a) == backbone.backbone_id(b) != backbone.backbone_id(c)
     assert backbone.backbone_id(a).startswith("llama-")
+
+
+def test_hidden_of_a_left_padded_batch_equals_each_text_alone_and_keeps_the_graph(tmp_path):
+    """`mrm finetune` trains through PairEncoder.hidden, the pass `mrm embed` runs: with left padding, a short
+    text's embedding in a batch is its embedding alone, and the graph is kept for the backward pass."""
+    from tiny_models import tiny_reward_model
+
+    path = tiny_reward_model(tmp_path / "m", padding_side="left")
+    model, tok = backbone.load_backbone(path, device="cpu", dtype="float32")
+    enc = backbone.PairEncoder(model, tok)
+    enc.base.requires_grad_(True)   # as select_trainable leaves the trained blocks
+    assert enc.left_pad
+    seqs, _ = enc.tokenize([[{"role": "user", "content": "a short one"}],
+                            [{"role": "user", "content": "a longer text, with quite a few more words in it"}]])
+    assert len(seqs[0]) < len(seqs[1])
+    pool = backbone.POOLING[enc.pooling]
+    batch = pool(*enc.hidden(seqs))
+    assert batch.requires_grad
+    alone = torch.cat([pool(*enc.hidden([s])) for s in seqs])
+    torch.testing.assert_close(batch, alone, rtol=1e-4, atol=1e-5)
