@@ -4,6 +4,7 @@
     python benchmarks/finetune.py --kind text-hard      # relations the frozen encoder does not carry linearly
     python benchmarks/finetune.py --kind text-order     # attributes that only reorder the same sentences
     python benchmarks/finetune.py --users 400 top_layers=0 epochs=6
+    python benchmarks/finetune.py --kind text-order --draws 3     # three draws of fine-tuning on the same split
     python benchmarks/finetune.py --kind text-hard --supervised   # could the trained blocks learn each attribute?
 
 For each backbone: `mrm embed` -> `mrm train` (the defaults, one process) -> `mrm evaluate`; the fine-tuned
@@ -11,6 +12,11 @@ one is `mrm finetune` on the same pairs table first (seen users' train pairs onl
 users' accuracy, the shared Bradley-Terry baseline, the paired difference over unseen users with its 95 %
 interval, and how long fine-tuning took; then how linearly visible each response attribute is in each
 backbone's embedding: a ridge probe fitted on half the users' responses, its accuracy on the other half's.
+
+One fine-tuning run is one draw of its randomness (the head's start, the support halves, the step batches,
+the dropout masks), and its figure moves by several points with it.  `--draws N` fine-tunes N times
+(`draw=0..N-1`: the same split, carve and data) and adds the mean over the draws: each unseen user's
+accuracy averaged over the draws, paired with the frozen backbone's.
 
 `--supervised` asks instead whether the blocks `mrm finetune` trains COULD make each attribute visible: it
 trains them (the config's `top_layers`, `lr`, `head_lr`, `max_length`; `batch_pairs` responses per AdamW
@@ -22,6 +28,7 @@ of fine-tuning from preferences, which see the attributes only through a few noi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -135,6 +142,8 @@ def main():
                    help="instead: train the fine-tuned blocks on the responses' true attributes and print how "
                         "well each is learnt (module docstring)")
     p.add_argument("--supervised-epochs", type=int, default=3, help="epochs of --supervised")
+    p.add_argument("--draws", type=int, default=1, help="fine-tune this many times (draw=0..N-1, the same split) "
+                                                        "and add the mean over draws")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="mrm finetune config overrides")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -150,27 +159,40 @@ def main():
     if args.supervised:
         attributes = storage.read_json(storage.join(pairs, "_truth.json"))["attributes"]
         return supervised(pairs, default_cpu_model(), cfg, args.supervised_epochs, attributes)
-    t0 = time.time()
-    summary = finetune(pairs, work + "/ft", "auto", cfg, overwrite=True)
-    ft_seconds = time.time() - t0
-    results = {"frozen": chain(pairs, work + "/frozen", default_cpu_model()),
-               "fine-tuned": chain(pairs, work + "/tuned", work + "/ft/model")}
+    # name -> (metrics, per-user table, kept epoch, folder suffix)
+    results = {"frozen": chain(pairs, work + "/frozen", default_cpu_model()) + ("", "")}
+    ft_seconds, epochs_run = [], 0
+    for draw in range(args.draws):
+        suffix = f"-draw{draw}" if draw else ""
+        t0 = time.time()
+        summary = finetune(pairs, work + "/ft" + suffix, "auto", dataclasses.replace(cfg, draw=cfg.draw + draw),
+                           overwrite=True)
+        ft_seconds.append(time.time() - t0)
+        epochs_run = len(summary["history"])
+        kept = max(h["epoch"] for h in summary["history"] if h["kept"])
+        name = "fine-tuned" if args.draws == 1 else f"draw {cfg.draw + draw}"
+        results[name] = chain(pairs, work + "/tuned" + suffix, work + "/ft" + suffix + "/model") + (kept, suffix)
     print(f"\n{args.kind} population: {args.users} users x 16 pairs (the users' true weights: {oracle:.4f} on test "
-          f"pairs); fine-tuning: {len(summary['history'])} epochs, "
-          f"top_layers={cfg.top_layers}, {ft_seconds:.0f} s on {os.cpu_count()} CPU cores (Ray start-up included)")
-    print(f"{'backbone':12s} {'unseen':>8s} {'seen':>8s} {'shared BT (unseen)':>20s}")
-    for name, (m, _) in results.items():
+          f"pairs); fine-tuning: {epochs_run} epochs, top_layers={cfg.top_layers}, "
+          f"{' + '.join(f'{t:.0f}' for t in ft_seconds)} s on {os.cpu_count()} CPU cores (Ray start-up included)")
+    print(f"{'backbone':12s} {'unseen':>8s} {'seen':>8s} {'shared BT (unseen)':>20s} {'kept epoch':>11s}")
+    for name, (m, _, kept, _) in results.items():
         bt = m.get("baselines", {}).get("shared_bt", {}).get("unseen", {}).get("accuracy")
-        print(f"{name:12s} {m['unseen']['accuracy']:8.4f} {m['seen']['accuracy']:8.4f} {bt:20.4f}")
-    a, b = (results[k][1] for k in ("fine-tuned", "frozen"))
-    unseen = ~a["seen"]
-    d = paired(a.loc[unseen, "accuracy"].to_numpy(), b.loc[a.index[unseen], "accuracy"].to_numpy())
-    print(f"unseen users, fine-tuned - frozen: {100 * d['mean']:+.1f} points "
-          f"[{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}] (95 %, paired over {d['users']} users)")
+        print(f"{name:12s} {m['unseen']['accuracy']:8.4f} {m['seen']['accuracy']:8.4f} {bt:20.4f} {kept:>11}")
+    frozen = results["frozen"][1]
+    unseen_ids = frozen.index[~frozen["seen"]]
+    rows = [(k, v[1].loc[unseen_ids, "accuracy"].to_numpy()) for k, v in results.items() if k != "frozen"]
+    if len(rows) > 1:
+        rows.append((f"mean of {len(rows)} draws", np.mean([acc for _, acc in rows], axis=0)))
+    for name, acc in rows:
+        d = paired(acc, frozen.loc[unseen_ids, "accuracy"].to_numpy())
+        print(f"unseen users, {name} - frozen: {100 * d['mean']:+.1f} points "
+              f"[{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}] (95 %, paired over {d['users']} users)")
     attributes = storage.read_json(storage.join(pairs, "_truth.json"))["attributes"]
     print("linear probe accuracy per response attribute (held-out users; 0.5 = not visible):")
     print(f"{'backbone':12s} " + " ".join(f"{a:>14s}" for a in attributes))
-    for name, sub in (("frozen", "frozen"), ("fine-tuned", "tuned")):
+    for name, (*_, suffix) in results.items():
+        sub = "frozen" if name == "frozen" else "tuned" + suffix
         print(f"{name:12s} " + " ".join(f"{v:14.3f}" for v in probe(f"{work}/{sub}/emb", attributes)))
 
 

@@ -38,7 +38,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from mrm_ray.core import splits
-from mrm_ray.core.finetune import FinetuneConfig, check
+from mrm_ray.core.finetune import FinetuneConfig, check, draw_seed
 from mrm_ray.data import contract as C
 from mrm_ray.data import shards, storage
 from mrm_ray.errors import UserError
@@ -49,6 +49,7 @@ COMMAND = "finetune"
 DATA, USERS, MODEL, STATE, CHECKPOINTS = "data", "users.parquet", "model", "finetune.json", "checkpoints"
 RUN_NAME = "finetune"
 SPLIT_KEYS = ("seed", "seen_ratio", "min_train_pairs", "val_ratio", "buckets")   # what the data depends on
+SPLIT_META = b"mrm_finetune_split"   # users.parquet's schema metadata: the SPLIT_KEYS its data was written with
 
 
 def load_config(path: str | None = None, overrides: list[str] | dict | None = None) -> FinetuneConfig:
@@ -90,7 +91,8 @@ def write_data(pairs: str, out: str, cfg: FinetuneConfig) -> pa.Table:
                         f"(seen_ratio={cfg.seen_ratio}, seed={cfg.seed}): nothing to fine-tune on")
     users = pa.table({C.USER_ID: pa.array(per_user.index.astype(str)),
                       "train_pairs": pa.array(per_user.to_numpy(np.int64)),
-                      "index": pa.array(np.arange(len(per_user), dtype=np.int64))})
+                      "index": pa.array(np.arange(len(per_user), dtype=np.int64))},
+                     metadata={SPLIT_META: json.dumps({k: getattr(cfg, k) for k in SPLIT_KEYS})})
     storage.write_table(users, storage.join(out, USERS), COMMAND, overwrite=True)
     return users
 
@@ -201,10 +203,11 @@ def finetune_worker(config: dict) -> None:
     select_trainable(enc.base, cfg.top_layers)
     # With dropout off (eval mode, gradients on), 1 worker or N take the same steps, and so does a resume.
     enc.base.train(cfg.dropout)
-    torch.manual_seed(cfg.seed)
+    seed = draw_seed(cfg)
+    torch.manual_seed(seed)
     dim, meta = model.config.get_text_config().hidden_size, cfg.objective == "meta"
-    factors = (MetaHead(dim, cfg.rank, cfg.seed, cfg.inner_lr, cfg.inner_steps) if meta else
-               UserFactors(dim, users.num_rows, cfg.rank, cfg.seed, cfg.shared)).to(device)
+    factors = (MetaHead(dim, cfg.rank, seed, cfg.inner_lr, cfg.inner_steps) if meta else
+               UserFactors(dim, users.num_rows, cfg.rank, seed, cfg.shared)).to(device)
 
     class Tuner(torch.nn.Module):
         """The trained parts in one module, the way DeepSpeed wants them."""
@@ -261,11 +264,11 @@ def finetune_worker(config: dict) -> None:
     for epoch in range(len(state["history"]), cfg.epochs):
         # the dropout draws are seeded by the epoch (and the rank), so a resumed run draws what an
         # uninterrupted one would, and an epoch's draws do not depend on how many epochs are asked for
-        torch.manual_seed(cfg.seed * 1_000_003 + epoch * 1_009 + rank)
+        torch.manual_seed(seed * 1_000_003 + epoch * 1_009 + rank)
         # objective=meta: a step takes whole users (slots by user), half of each user's pairs (by pair hash,
         # drawn again every epoch) adapt it and the other half score it
-        slot = splits.epoch_slots(data["user_hash" if meta else "hash"][train_rows], n_steps, cfg.seed, epoch)
-        support = support_rows(data["hash"], cfg.seed, epoch) if meta else np.zeros(len(data["hash"]), bool)
+        slot = splits.epoch_slots(data["user_hash" if meta else "hash"][train_rows], n_steps, seed, epoch)
+        support = support_rows(data["hash"], seed, epoch) if meta else np.zeros(len(data["hash"]), bool)
         loss_sum = correct = scored = 0.0   # scored: the pairs the loss was taken on (objective=meta: query pairs)
         for step in range(n_steps):
             rows = train_rows[slot == step]
@@ -360,6 +363,21 @@ class _nothing:
         return False
 
 
+def check_continuation(out: str, cfg: FinetuneConfig) -> None:
+    """Refuse, in one line, to continue the run in `out` with another split (its data would mix two
+    datasets, and `mrm train`'s unseen users could be among the fine-tuned ones) or another draw (the
+    run would be neither draw's)."""
+    before = {}
+    if storage.exists(storage.join(out, USERS)):    # written with the data, before any epoch
+        before.update(json.loads((storage.read_table(storage.join(out, USERS)).schema.metadata or {})
+                                 .get(SPLIT_META, b"{}")))
+    if storage.exists(storage.join(out, STATE)):    # written after every epoch
+        before.update(storage.read_json(storage.join(out, STATE))["config"])
+    changed = [k for k in SPLIT_KEYS + ("draw",) if k in before and before[k] != getattr(cfg, k)]
+    if changed:
+        raise UserError(f"{out} was fine-tuned with other {', '.join(changed)}; pass --overwrite to start afresh")
+
+
 # --- the driver -----------------------------------------------------------------------------------------
 def finetune(pairs: str, out: str, model: str = "auto", cfg: FinetuneConfig | None = None,
              overwrite: bool = False) -> dict:
@@ -387,6 +405,8 @@ def finetune(pairs: str, out: str, model: str = "auto", cfg: FinetuneConfig | No
     storage.check_table(pairs)
     # Ours or new (anything else is refused); a finished fine-tuning continues when asked for more epochs.
     previous = storage.check_output(out, COMMAND, [pairs], overwrite=True)
+    if previous is not None and not overwrite:
+        check_continuation(out, cfg)
     if previous is not None and previous["state"] == "complete" and not overwrite:
         summary = storage.read_json(storage.join(out, STATE))
         if len(summary["history"]) >= cfg.epochs:
@@ -399,11 +419,7 @@ def finetune(pairs: str, out: str, model: str = "auto", cfg: FinetuneConfig | No
             if storage.exists(storage.join(out, part)):
                 storage.delete(storage.join(out, part))
     t0 = time.time()
-    if storage.exists(storage.join(out, USERS)):   # continuing: the data of the first run, if it fits
-        before = storage.read_json(storage.join(out, STATE))["config"] if storage.exists(storage.join(out, STATE)) else {}
-        changed = [k for k in SPLIT_KEYS if k in before and before[k] != getattr(cfg, k)]
-        if changed:
-            raise UserError(f"{out} was fine-tuned with other {', '.join(changed)}; pass --overwrite to start afresh")
+    if storage.exists(storage.join(out, USERS)):   # continuing: the data of the first run (its keys checked above)
         users = storage.read_table(storage.join(out, USERS))
     else:
         users = write_data(pairs, out, cfg)

@@ -36,6 +36,9 @@ class FinetuneConfig:
     seen_ratio: float = TrainConfig.seen_ratio
     min_train_pairs: int = TrainConfig.min_train_pairs
     val_ratio: float = TrainConfig.val_ratio
+    draw: int = 0                  # which draw of fine-tuning's randomness, on the same split and carve: the head's
+                                   # start, each epoch's support halves and step batches, the dropout masks (one run
+                                   # is one draw: README); 0 draws what the seed alone drew before it existed
     epochs: int = 6                # the best epoch on the validation carve is kept (README: 6 against 4 and 8)
     batch_pairs: int = 32          # pairs per optimizer step, all workers together
     lr: float = 1e-4               # the backbone's trained blocks
@@ -76,8 +79,14 @@ def check(cfg: FinetuneConfig) -> list[str]:
              (cfg.offload == "none" or cfg.zero_stage >= 1, "offload=cpu needs zero_stage 1, 2 or 3"),
              (0 < cfg.seen_ratio < 1, "seen_ratio must be in (0, 1)"), (0 <= cfg.val_ratio < 1, "val_ratio must be in [0, 1)"),
              (cfg.num_workers >= 1, "num_workers must be >= 1"), (cfg.max_length >= 8, "max_length must be >= 8"),
-             (cfg.buckets >= 1, "buckets must be >= 1")]
+             (cfg.buckets >= 1, "buckets must be >= 1"), (cfg.draw >= 0, "draw must be >= 0")]
     return [msg for ok, msg in rules if not ok]
+
+
+def draw_seed(cfg: FinetuneConfig) -> int:
+    """The seed of fine-tuning's random draws; `seed` alone decides the split and the carve, so that another
+    draw fine-tunes on exactly the data of the first, and `mrm train` (whose seed is `seed`) agrees on both."""
+    return cfg.seed + 10_007 * cfg.draw
 
 
 def blocks(model: nn.Module) -> nn.ModuleList:
