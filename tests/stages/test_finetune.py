@@ -92,6 +92,31 @@ def test_a_resumed_run_continues_the_same_trajectory(setup, one_worker):
     np.testing.assert_allclose(done["steps"], whole["steps"], atol=TOL, rtol=0)
 
 
+def test_another_draw_fine_tunes_the_same_data_with_other_draws(setup, one_worker, capsys):
+    """draw=1: the split, the carve and the data are the seed's (mrm train's), the steps are another draw's;
+    continuing a run under another draw or split is refused in one line, before or after its first epoch."""
+    other = run(setup, "draw1", draw=1)
+    root = setup["root"]
+    assert storage.read_table(str(root / "w1" / "users.parquet")).equals(
+        storage.read_table(str(root / "draw1" / "users.parquet")))
+    for b in range(FinetuneConfig().buckets):
+        assert storage.read_table(shards.bucket_uri(str(root / "w1" / "data"), b)).equals(
+            storage.read_table(shards.bucket_uri(str(root / "draw1" / "data"), b)))
+    assert not np.allclose(other["steps"][:3], one_worker["steps"][:3], atol=1e-3, rtol=0)
+    rc = cli.main(["finetune", "--pairs", setup["pairs"], "--out", str(root / "draw1"), "--model", setup["model"],
+                   "dropout=false", "draw=0"])
+    one_line_error(capsys, rc, "draw")
+    started = root / "started"                     # stopped before its first epoch: data, no finetune.json
+    started.mkdir()
+    (started / "users.parquet").symlink_to(root / "w1" / "users.parquet")
+    from mrm_ray.errors import UserError
+    from mrm_ray.finetune import check_continuation
+
+    with pytest.raises(UserError, match="seed"):
+        check_continuation(str(started), FinetuneConfig(seed=1))
+    check_continuation(str(started), FinetuneConfig(draw=3))   # no epoch yet: any draw may start it
+
+
 def test_the_saved_backbone_loads_and_embeds_like_the_fine_tuned_model(setup, one_worker, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
