@@ -169,11 +169,12 @@ def data_start(cfg: TrainConfig, run_uri: str, seen: pa.Table, dim: int) -> tupl
 
     Uses at most cfg.basis.max_values floats and cfg.basis.max_pairs pairs: whole
     buckets (hash-random sets of whole users), as many as fit; meta-training then
-    sees every user.  It uses
-    the validation carve of meta-training too (a data-poor population needs
-    every pair; the start's own choices are cross-validated over users):
-    epoch 0 then looks a little better on the carve than it is, so the later
-    epochs of meta-training are only kept when they beat it clearly.
+    sees every user.  By default it uses the validation carve of meta-training
+    too (a data-poor population needs every pair; the start's own choices are
+    cross-validated over users), so the carve is not held out from the start
+    or from the epochs that grow out of it, and it reads well above the test
+    split (README, "Model selection", has the figures); basis.use_carve=false
+    holds it out.
     Returns (head state dict, report); sets cfg.model.n_heads.
     """
     pairs = seen.column("train_pairs").to_numpy()
@@ -185,7 +186,10 @@ def data_start(cfg: TrainConfig, run_uri: str, seen: pa.Table, dim: int) -> tupl
     budget = min(cfg.basis.max_values / dim, cfg.basis.max_pairs)   # pairs
     n_take = max(1, int(np.searchsorted(np.cumsum(per_bucket), budget, side="right")))
     shard = load_seen(run_uri, cfg, seen, dim, buckets=list(range(min(n_take, cfg.shard_buckets))))
-    shard = shard.select(shard.counts()[shard.pair_user()] > 0, keep_empty_users=False)
+    keep = shard.counts()[shard.pair_user()] > 0
+    if not cfg.basis.use_carve:   # the very carve meta_train holds out: it is per user, and users are whole here
+        keep &= ~splits.validation_mask(shard, cfg.val_ratio, cfg.seed)
+    shard = shard.select(keep, keep_empty_users=False)
     if shard.n_users < 2:
         raise UserError("model.init=data needs at least 2 seen users with training pairs to cross-validate "
                         f"the start; this table has {shard.n_users} (use model.init=random)")

@@ -61,6 +61,9 @@ class BasisConfig:
     max_values: int = 50_000_000         # at most this many floats (pairs x d) of the seen users are used,
     max_pairs: int = 200_000             # and at most this many pairs: the start's cost is bounded whatever
                                          # the population (the zoo's populations are far below both)
+    use_carve: bool = True               # fit the start on the validation carve too: more pairs for a data-poor
+                                         # population, but the carve is then not held out from the start and
+                                         # reads high (README, "Model selection"); false holds it out
 
 
 @dataclass

@@ -28,6 +28,7 @@ import torch
 from mrm_ray import cli, train, train_ray
 from mrm_ray import config as config_mod
 from mrm_ray.data import contract as C
+from mrm_ray.core import splits
 from mrm_ray.data import runs, shards, storage
 from mrm_ray.errors import UserError
 from mrm_ray.synth import write_embedding_population
@@ -109,6 +110,40 @@ def test_shards_split_users_not_pairs(population, tmp_path):
             i = int(np.flatnonzero(expected.user_ids == s.user_ids[j])[0])
             torch.testing.assert_close(s.diff[s.offsets[j]:s.offsets[j + 1]],
                                        expected.diff[expected.offsets[i]:expected.offsets[i + 1]])
+
+
+def test_the_start_holds_out_the_carve_only_when_asked(population, tmp_path):
+    """basis.use_carve=false: the data-driven start is the same whatever the validation carve's pairs say (it
+    is the carve meta-training holds out); by default the start reads them.  The check: flip every carve
+    pair (chosen <-> rejected) and fit the start on both tables."""
+    table = storage.read_table(str(population))
+    train_rows = table.filter(pc.equal(table.column(C.SPLIT), C.TRAIN))
+    cfg = config_mod.load_config()
+    grouped = shards.user_pairs_from_table(train_rows, seed=cfg.seed)
+    ids = np.sort(np.unique(train_rows.column(C.PAIR_ID).to_numpy(zero_copy_only=False).astype(str)))
+    carve = ids[grouped.pair_order[splits.validation_mask(grouped, cfg.val_ratio, cfg.seed)]]
+    flip = pc.is_in(table.column(C.PAIR_ID), pa.array(carve)).to_numpy(zero_copy_only=False)
+    assert 0 < flip.sum() < 0.25 * (~pc.equal(table.column(C.SPLIT), C.TEST).to_numpy(zero_copy_only=False)).sum()
+    chosen, rejected = (table.column(c).combine_chunks() for c in (C.CHOSEN_EMB, C.REJECTED_EMB))
+    swapped = pa.array(flip)
+    flipped = table.set_column(table.schema.get_field_index(C.CHOSEN_EMB), C.CHOSEN_EMB,
+                               pc.if_else(swapped, rejected, chosen))
+    flipped = flipped.set_column(flipped.schema.get_field_index(C.REJECTED_EMB), C.REJECTED_EMB,
+                                 pc.if_else(swapped, chosen, rejected))
+    with storage.atomic_output(str(tmp_path / "flipped"), "synth") as staging:
+        storage.write_staged(flipped, staging)
+
+    def start(emb, use_carve: bool) -> dict:
+        cfg = config_mod.load_config(overrides=[f"basis.use_carve={str(use_carve).lower()}"])
+        run = str(tmp_path / f"run-{Path(emb).name}-{use_carve}")
+        scan = train.scan_and_shard(emb, run, cfg)
+        return train.data_start(cfg, run, train.seen_users(run), scan["dim"])[0]
+
+    held_out, flipped_held_out = start(str(population), False), start(str(tmp_path / "flipped"), False)
+    for k in held_out:
+        torch.testing.assert_close(held_out[k], flipped_held_out[k], rtol=0, atol=0)
+    read, flipped_read = start(str(population), True), start(str(tmp_path / "flipped"), True)
+    assert not torch.allclose(read["layers.0"][0], flipped_read["layers.0"][0], atol=1e-3)
 
 
 def test_latest_state_skips_a_half_written_checkpoint(tmp_path):
