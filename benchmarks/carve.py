@@ -1,7 +1,7 @@
 """Is the validation carve held out?  `mrm train` with the default start (fit on the carve too) and with
 `basis.use_carve=false` (the carve held out of the start as well as of meta-training).
 
-    python benchmarks/carve.py                                  # the zoo (mrm_ray.zoo), ~10 min on 2 cores
+    python benchmarks/carve.py                                  # the zoo (mrm_ray.zoo), ~4 min on 2 cores
     python benchmarks/carve.py --populations lowrank --text text,text-hard,text-order
                                                                # text populations: embedded with MiniLM first
 
