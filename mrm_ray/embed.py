@@ -27,8 +27,8 @@ The output is written under a staging folder and committed at the end
 Reruns are deterministic: rows come in a fixed order (the input order with
 --no-dedup; by conversation hash, then pair id, otherwise) and part files have fixed
 names.  The table's schema metadata records how it was made (mrm.backbone,
-mrm.backbone_id, mrm.pooling, mrm.max_length, mrm.dtype, mrm.dim): `mrm train`
-copies it into the run, and train, score and export-hf check it.
+mrm.backbone_id, mrm.pooling, mrm.max_length, mrm.dtype, mrm.dim; mrm.finetune_split for a
+backbone `mrm finetune` made): `mrm train` copies it into the run, and train, score and export-hf check it.
 """
 from __future__ import annotations
 
@@ -265,7 +265,9 @@ def embed(pairs: str, out: str, model: str = "auto", pooling: str = "auto", dtyp
     metadata = runs.provenance_metadata({
         "backbone": model, "backbone_id": backbone_id(config), "pooling": pooling,
         "max_length": effective_max_length(config, tokenizer, max_length), "dtype": compute,
-        "dim": hidden_size(config)})
+        "dim": hidden_size(config),
+        **({runs.FINETUNE_SPLIT: json.dumps(config.mrm_finetune_split, sort_keys=True)}
+           if getattr(config, "mrm_finetune_split", None) else {})})
     log.info("embedding %d pairs with %s (pooling=%s, %s, reward scores=%s, chat template=%s, dedup=%s) on up to "
              "%d %s replica(s)", total_rows, model, pooling, compute, is_rm and pooling == "last",
              bool(tokenizer.chat_template), dedup, actors, "GPU" if num_gpus else "CPU")

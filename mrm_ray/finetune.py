@@ -40,7 +40,7 @@ import pyarrow.fs as pafs
 from mrm_ray.core import splits
 from mrm_ray.core.finetune import FinetuneConfig, check, draw_seed
 from mrm_ray.data import contract as C
-from mrm_ray.data import shards, storage
+from mrm_ray.data import runs, shards, storage
 from mrm_ray.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -343,6 +343,8 @@ def save_backbone(base, model, tok, source: str, uri: str, cfg: FinetuneConfig, 
         if rank != 0:
             return
         with tempfile.TemporaryDirectory(prefix="mrm-ft-model-") as d:
+            # the users it was tuned on, for `mrm train` to check (mrm_ray.data.runs.check_finetune_split)
+            model.config.mrm_finetune_split = {k: getattr(cfg, k) for k in runs.FINETUNE_SPLIT_KEYS}
             model.save_pretrained(d, safe_serialization=True)
             tok.save_pretrained(d)
             pooling = Path(model_path(source), "1_Pooling")

@@ -322,6 +322,7 @@ def train(cfg: TrainConfig, embeddings: str, out: str, local: bool = False, expl
 def _train(asked: TrainConfig, embeddings: str, out: str, local: bool, explicit: bool, address: str | None,
            placement: set[str] | None):
     cfg, resuming = resolve_config(asked, explicit, out, placement)
+    runs.check_finetune_split(runs.provenance(embeddings), cfg)
     runs.check_inputs(out, embeddings)  # a resume trains on the same table, or not at all
     if not resuming:   # first: from here on the folder is a run directory (of this table)
         runs.save_inputs(out, embeddings)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -76,7 +77,8 @@ def save_config(uri: str, cfg: config_mod.TrainConfig) -> None:
     storage.write_json(storage.join(uri, CONFIG), config_mod.to_dict(cfg))
 
 
-# schema metadata keys: mrm.backbone, mrm.backbone_id, mrm.pooling, mrm.max_length, mrm.dtype, mrm.dim
+# schema metadata keys: mrm.backbone, mrm.backbone_id, mrm.pooling, mrm.max_length, mrm.dtype, mrm.dim,
+# and mrm.finetune_split for a backbone that `mrm finetune` made (FINETUNE_SPLIT)
 PROVENANCE_PREFIX = storage.PROVENANCE_PREFIX
 
 
@@ -102,6 +104,27 @@ def check_same_backbone(tables: dict[str, dict]) -> None:
         names = {what: tables[what].get("backbone") for what in known}
         raise UserError("embeddings from different backbones: " + "; ".join(
             f"{what} from {names[what]} ({pool} pooling)" for what, (_, pool) in known.items()))
+
+
+# A fine-tuned backbone's config records the keys that chose the users it was fine-tuned on (`mrm finetune`
+# writes them, `mrm embed` copies them into the table's provenance, `mrm train` checks them).
+FINETUNE_SPLIT = "finetune_split"
+FINETUNE_SPLIT_KEYS = ("seed", "seen_ratio", "val_ratio")
+
+
+def check_finetune_split(made_with: dict, cfg: config_mod.TrainConfig) -> None:
+    """Refuse to train on embeddings of a backbone fine-tuned under another split: `mrm train`'s unseen users
+    (or its validation carve) could then be users and pairs the backbone was fine-tuned on, and every figure
+    on them would read high.  (On another population any split is as good, so matching it costs nothing.)"""
+    if FINETUNE_SPLIT not in made_with:
+        return
+    tuned = json.loads(made_with[FINETUNE_SPLIT])
+    differ = [k for k in FINETUNE_SPLIT_KEYS if k in tuned and tuned[k] != getattr(cfg, k)]
+    if differ:
+        raise UserError("the embeddings come from a backbone fine-tuned with " + ", ".join(
+            f"{k}={tuned[k]}" for k in differ) + " and this run has " + ", ".join(
+            f"{k}={getattr(cfg, k)}" for k in differ) + ": its unseen users could be ones the backbone was "
+            "fine-tuned on; train with the fine-tuning's " + "/".join(differ))
 
 
 def is_run_directory(uri: str) -> bool:

@@ -16,7 +16,8 @@ from helpers import one_line_error
 from mrm_ray import cli
 from mrm_ray.core.finetune import FinetuneConfig
 from mrm_ray.data import contract as C
-from mrm_ray.data import shards, storage
+from mrm_ray.config import TrainConfig
+from mrm_ray.data import runs, shards, storage
 from mrm_ray.finetune import finetune
 from reference_loops import meta_margins_loop
 from tiny_models import tiny_reward_model
@@ -117,7 +118,7 @@ def test_another_draw_fine_tunes_the_same_data_with_other_draws(setup, one_worke
     check_continuation(str(started), FinetuneConfig(draw=3))   # no epoch yet: any draw may start it
 
 
-def test_the_saved_backbone_loads_and_embeds_like_the_fine_tuned_model(setup, one_worker, tmp_path):
+def test_the_saved_backbone_loads_and_embeds_like_the_fine_tuned_model(setup, one_worker, tmp_path, capsys):
     from transformers import AutoModelForSequenceClassification
 
     from mrm_ray.backbone import encode_pairs, load_backbone
@@ -138,6 +139,15 @@ def test_the_saved_backbone_loads_and_embeds_like_the_fine_tuned_model(setup, on
                                atol=1e-5, rtol=1e-4)
     summary = json.loads((setup["root"] / "w1" / "finetune.json").read_text())
     assert summary["history"][-1]["epoch"] == 2 and (setup["root"] / "w1" / "loss.png").stat().st_size > 1000
+    # the split it was tuned under travels with it: `mrm train` under another one is refused before it writes
+    made_with = runs.provenance(str(tmp_path / "emb"))
+    assert json.loads(made_with[runs.FINETUNE_SPLIT]) == {"seed": 0, "seen_ratio": FinetuneConfig.seen_ratio,
+                                                          "val_ratio": FinetuneConfig.val_ratio}
+    capsys.readouterr()
+    rc = cli.main(["train", "--embeddings", str(tmp_path / "emb"), "--out", str(tmp_path / "run"), "seed=1"])
+    one_line_error(capsys, rc, "fine-tuned with seed=0")
+    assert not runs.is_run_directory(str(tmp_path / "run"))
+    runs.check_finetune_split(made_with, TrainConfig())   # the defaults agree
 
 
 def plain_validation(setup, name: str, summary: dict) -> tuple[float, int, int, int]:
