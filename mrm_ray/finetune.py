@@ -14,7 +14,8 @@
    objective=meta, the users whose hash does: whole users, each on one worker), so 1 worker or N take
    the same steps (exactly so with dropout=false).  The validation carve of
    `mrm train` is held out and scored after every epoch; the backbone of the best epoch so far goes to
-   `<out>/model/`.
+   `<out>/model/`, its config.json recording the split (`mrm_finetune_split`: seed, seen_ratio, val_ratio)
+   that `mrm embed` carries into the table and `mrm train` checks.
 3. A checkpoint (DeepSpeed's, every rank's part) after every epoch under `<out>/checkpoints/`: a worker
    that dies restarts from it, and re-running the command continues the run.
 
