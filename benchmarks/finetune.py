@@ -135,7 +135,8 @@ def supervised(pairs: str, model: str, cfg, epochs: int, attributes: list[str]) 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--users", type=int, default=200, help="users of the text population")
-    p.add_argument("--pairs-per-user", type=int, default=16, help="pairs per user, half train and half test (16, as the demo)")
+    p.add_argument("--pairs-per-user", type=int, default=16,
+                   help="pairs per user, half train and half test (16, as the demo)")
     p.add_argument("--kind", choices=tuple(SCHEMES), default="text",
                    help="the demo's text population; text-hard: attributes that are relations, not linear in the "
                         "frozen embedding; text-order: attributes that only reorder the same sentences")
@@ -175,8 +176,8 @@ def main():
         kept = max(h["epoch"] for h in summary["history"] if h["kept"])
         name = "fine-tuned" if args.draws == 1 else f"draw {cfg.draw + draw}"
         results[name] = chain(pairs, work + "/tuned" + suffix, work + "/ft" + suffix + "/model") + (kept, suffix)
-    print(f"\n{args.kind} population: {args.users} users x {args.pairs_per_user} pairs (the users' true weights: {oracle:.4f} on test "
-          f"pairs); fine-tuning: {epochs_run} epochs, top_layers={cfg.top_layers}, "
+    print(f"\n{args.kind} population: {args.users} users x {args.pairs_per_user} pairs (the users' true weights: "
+          f"{oracle:.4f} on test pairs); fine-tuning: {epochs_run} epochs, top_layers={cfg.top_layers}, "
           f"{' + '.join(f'{t:.0f}' for t in ft_seconds)} s on {os.cpu_count()} CPU cores (Ray start-up included)")
     print(f"{'backbone':12s} {'unseen':>8s} {'seen':>8s} {'shared BT (unseen)':>20s} {'kept epoch':>11s}")
     for name, (m, _, kept, _) in results.items():
